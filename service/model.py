@@ -1,0 +1,150 @@
+"""The served model: loading (local directory, hub id, or the embedded default), its tokenizer and chat template."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import __version__, tiny_model
+from .errors import ContextLengthExceeded, FieldViolation, InvalidRequest
+from .params import ChatParams
+
+log = logging.getLogger("tokenwire.model")
+
+
+@dataclass
+class ServedModel:
+    """A loaded causal LM with everything the service needs to know about it."""
+
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any  # transformers PreTrainedTokenizerBase
+    name: str
+    aliases: tuple[str, ...]
+    context_length: int
+    eos_token_ids: frozenset[int]
+    vocab_size: int  # ids the tokenizer can decode; wider logit rows are padding
+    fingerprint: str
+    created: int
+    embedded: bool
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset((self.name, *self.aliases))
+
+    def render_prompt(self, params: ChatParams) -> list[int]:
+        """Apply the chat template (with the generation prompt) and tokenize."""
+        conversation = [m.to_template() for m in params.messages]
+        try:
+            text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # the template itself rejected the conversation (jinja2 raise_exception, ...)
+            raise InvalidRequest(
+                [FieldViolation("messages", f"the chat template rejected the messages: {exc}", "template_error")]
+            ) from exc
+        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=False)
+        return ids
+
+    def max_new_tokens(self, params: ChatParams, prompt_len: int, default_cap: int) -> int:
+        """Resolve max_tokens against the context: explicit values must fit; the default is capped to fit."""
+        room = self.context_length - prompt_len
+        if params.max_tokens is not None:
+            if params.max_tokens > room:
+                raise ContextLengthExceeded(
+                    f"This model's maximum context length is {self.context_length} tokens. However, you requested "
+                    f"{prompt_len + params.max_tokens} tokens ({prompt_len} in the messages, {params.max_tokens} in "
+                    "the completion). Please reduce the length of the messages or the completion.",
+                    param="max_tokens",
+                )
+            return params.max_tokens
+        if room < 1:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.context_length} tokens, and the messages take "
+                f"{prompt_len} tokens, leaving no room for a completion.",
+                param="messages",
+            )
+        return min(default_cap, room)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif isinstance(gen_eos, list | tuple):
+        ids.update(int(i) for i in gen_eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)
+
+
+def _fingerprint(config: Any, revision: str) -> str:
+    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
+    digest.update(revision.encode())
+    return f"tw-{__version__}-{digest.hexdigest()[:10]}"
+
+
+def load(
+    model_id: str | None,
+    *,
+    served_model_name: str | None = None,
+    chat_template_path: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    seed: int = tiny_model.DEFAULT_SEED,
+) -> ServedModel:
+    """Load the model named by `model_id` (a directory or hub id), or the embedded default when None."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.monotonic()
+    if model_id is None:
+        model, tokenizer = tiny_model.build(seed)
+        name = served_model_name or tiny_model.EMBEDDED_MODEL_NAME
+        revision = f"embedded-seed{seed}"
+        log.warning(
+            "serving the EMBEDDED model %r: its weights are RANDOM (seed %d), so its text is gibberish. "
+            "Serve a real model with `--model DIR_OR_HUB_ID` (e.g. --model Qwen/Qwen2.5-0.5B-Instruct).",
+            name,
+            seed,
+        )
+    else:
+        torch_dtype = getattr(torch, dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch_dtype).eval()  # type: ignore[no-untyped-call]
+        tokenizer = AutoTokenizer.from_pretrained(model_id)
+        name = served_model_name or (Path(model_id).name if Path(model_id).exists() else model_id)
+        revision = str(getattr(model.config, "_commit_hash", None) or model_id)
+    model.to(device)
+    if chat_template_path is not None:
+        tokenizer.chat_template = Path(chat_template_path).read_text()
+    if not getattr(tokenizer, "chat_template", None):
+        raise SystemExit(f"the model {name!r} has no chat template: pass --chat-template FILE")
+    aliases = tuple(a for a in {Path(model_id).name if model_id else None, model_id} if a and a != name)
+    context = int(getattr(model.config, "max_position_embeddings", 0) or tokenizer.model_max_length)
+    served = ServedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        aliases=aliases,
+        context_length=context,
+        eos_token_ids=_eos_ids(model, tokenizer),
+        vocab_size=min(len(tokenizer), int(model.config.vocab_size)),
+        fingerprint=_fingerprint(model.config, revision),
+        created=int(time.time()),
+        embedded=model_id is None,
+    )
+    log.info(
+        "model loaded",
+        extra={
+            "fields": {
+                "model": name,
+                "seconds": round(time.monotonic() - started, 2),
+                "context_length": context,
+                "device": device,
+            }
+        },
+    )
+    return served

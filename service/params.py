@@ -1,0 +1,385 @@
+"""Request validation: a `ChatCompletionRequest` is checked once, here, into frozen params.
+
+Everything inward (chat rendering, the engine, the sampler) trusts these objects and re-checks nothing.
+
+Rules, in order (all violations of a request are reported together, each naming its field):
+1. Fields whose behaviour has not landed yet are rejected with "not supported yet", never ignored. A field set
+   to its neutral ("off") value is accepted, since it changes nothing (`n: 1`, `logprobs: false`, ...). The check
+   walks the proto's set fields, so a field added to the proto is rejected here until it is handled.
+2. Fields that cannot apply to a text chat model (`suffix`, `audio`, non-text `modalities`) are rejected.
+3. Each supported field is range-checked; the message names the field, the bound and the value received.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokenwire.v1 import chat_pb2
+
+from .errors import FieldViolation, InvalidRequest, ModelNotFound
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+# Fields handled by this module (beyond the always-accepted bookkeeping fields).
+SUPPORTED = frozenset(
+    {
+        "messages",
+        "model",
+        "stream",
+        "stream_options",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "seed",
+        "user",
+        "log_prompt",
+        "store",
+        "metadata",
+        "service_tier",
+    }
+)
+
+# Fields that are accepted when they hold their neutral value: name -> predicate on the value.
+NEUTRAL: dict[str, Any] = {
+    "n": lambda v: v == 1,
+    "best_of": lambda v: v == 1,
+    "use_beam_search": lambda v: v is False,
+    "logprobs": lambda v: v is False,
+    "top_logprobs": lambda v: v == 0,
+    "top_k": lambda v: v in (0, -1),
+    "min_p": lambda v: v == 0.0,
+    "frequency_penalty": lambda v: v == 0.0,
+    "presence_penalty": lambda v: v == 0.0,
+    "repetition_penalty": lambda v: v == 1.0,
+    "ignore_eos": lambda v: v is False,
+    "min_tokens": lambda v: v == 0,
+    "include_stop_str_in_output": lambda v: v is False,
+    "loglikelihood": lambda v: v is False,
+    "response_format": lambda v: v.type == "text" and not v.HasField("json_schema"),
+    "modalities": lambda v: list(v) == ["text"],
+}
+
+# Where the behaviour of a not-yet-supported field comes from (for the error message).
+LATER: dict[str, str] = {
+    **dict.fromkeys(
+        [
+            "top_k",
+            "min_p",
+            "frequency_penalty",
+            "presence_penalty",
+            "repetition_penalty",
+            "logit_bias",
+            "logprobs",
+            "top_logprobs",
+        ],
+        "the full sampler pipeline",
+    ),
+    **dict.fromkeys(
+        [
+            "n",
+            "best_of",
+            "use_beam_search",
+            "length_penalty",
+            "early_stopping",
+            "stop",
+            "include_stop_str_in_output",
+            "ignore_eos",
+            "min_tokens",
+            "loglikelihood",
+            "chat_template",
+            "chat_template_kwargs_json",
+        ],
+        "n / best_of / beam search / stop strings",
+    ),
+    **dict.fromkeys(
+        [
+            "guided_json",
+            "guided_regex",
+            "guided_choice",
+            "guided_grammar",
+            "guided_decoding_backend",
+            "guided_whitespace_pattern",
+            "response_format",
+        ],
+        "guided decoding",
+    ),
+    **dict.fromkeys(["tools", "tool_choice", "parallel_tool_calls"], "tool calling"),
+    "inference_timeout": "the batching engine",
+    "memory_strategy": "memory strategies",
+    "prediction": "predicted outputs",
+    "peft": "LoRA adapters",
+    **dict.fromkeys(
+        ["api_key_ref", "openai_api_key", "inference_extra_headers", "inference_extra_params_json"],
+        "upstream-provider routing (no upstream provider is configured)",
+    ),
+}
+
+# Proto field name -> the JSON name clients use (the `*_json` fields carry JSON values).
+JSON_NAMES = {
+    "chat_template_kwargs_json": "chat_template_kwargs",
+    "inference_extra_params_json": "inference_extra_params",
+    "audio_json": "audio",
+}
+
+
+def json_name(proto_name: str) -> str:
+    """The API's name for a proto field."""
+    return JSON_NAMES.get(proto_name, proto_name)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Server-side bounds applied at the edge (configurable)."""
+
+    max_temperature: float = 2.0
+    max_tokens_cap: int = 4096  # upper bound on max_tokens / max_completion_tokens
+    default_max_tokens: int = 256  # used when the request sets neither (capped by the remaining context)
+    max_messages: int = 1024
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One validated message, as the chat template sees it."""
+
+    role: str
+    content: str | None
+    name: str | None = None
+    tool_calls: tuple[dict[str, Any], ...] = ()
+    tool_call_id: str | None = None
+
+    def to_template(self) -> dict[str, Any]:
+        """The dict handed to the Jinja chat template (OpenAI's message shape)."""
+        out: dict[str, Any] = {
+            "role": "system" if self.role == "developer" else self.role,
+            "content": self.content,
+        }
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_calls:
+            out["tool_calls"] = [dict(c) for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen. temperature 0 = greedy (top_p then plays no role)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None  # u64, or None for a random seed
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class ChatParams:
+    """A validated chat completion request."""
+
+    messages: tuple[ChatMessage, ...]
+    model: str
+    stream: bool
+    include_usage: bool
+    max_tokens: int | None  # None: the server default, capped by the remaining context
+    sampling: SamplingParams
+    user: str | None = None
+    log_prompt: bool = False
+    bookkeeping: dict[str, Any] = field(default_factory=dict)  # store / metadata / service_tier, logged only
+
+
+def _is_neutral(name: str, value: Any) -> bool:
+    pred = NEUTRAL.get(name)
+    return bool(pred is not None and pred(value))
+
+
+def _check_fields(request: chat_pb2.ChatCompletionRequest, out: list[FieldViolation]) -> None:
+    for fd, value in request.ListFields():
+        name = fd.name
+        if name in SUPPORTED or _is_neutral(name, value):
+            continue
+        api = json_name(name)
+        if name == "suffix":
+            out.append(FieldViolation(api, "`suffix` is not supported for chat models", "not_supported"))
+        elif name == "audio_json":
+            out.append(
+                FieldViolation(api, "`audio` is not supported: tokenwire serves text-only models", "not_supported")
+            )
+        elif name == "modalities":
+            out.append(
+                FieldViolation(api, f'only ["text"] is supported for `modalities`, got {list(value)}', "not_supported")
+            )
+        else:
+            why = LATER.get(name, "this release")
+            out.append(FieldViolation(api, f"`{api}` is not supported yet (arrives with {why})", "not_supported"))
+
+
+def _content(msg: chat_pb2.ChatMessage, path: str, out: list[FieldViolation]) -> str | None:
+    kind = msg.WhichOneof("content")
+    if kind == "text":
+        return msg.text
+    if kind == "parts":
+        texts: list[str] = []
+        for j, part in enumerate(msg.parts.parts):
+            if part.type != "text":
+                out.append(
+                    FieldViolation(
+                        f"{path}.content[{j}].type",
+                        f'content part type {part.type!r} is not supported: only "text" parts (text-only model)',
+                        "not_supported",
+                    )
+                )
+            texts.append(part.text)
+        return "".join(texts)
+    return None
+
+
+def _messages(
+    request: chat_pb2.ChatCompletionRequest, limits: Limits, out: list[FieldViolation]
+) -> tuple[ChatMessage, ...]:
+    if not request.messages:
+        out.append(FieldViolation("messages", "`messages` must contain at least one message", "missing"))
+        return ()
+    if len(request.messages) > limits.max_messages:
+        out.append(
+            FieldViolation(
+                "messages", f"at most {limits.max_messages} messages, got {len(request.messages)}", "too_long"
+            )
+        )
+    result: list[ChatMessage] = []
+    for i, msg in enumerate(request.messages):
+        path = f"messages[{i}]"
+        if msg.role not in ROLES:
+            out.append(
+                FieldViolation(f"{path}.role", f"role must be one of {', '.join(ROLES)}; got {msg.role!r}", "enum")
+            )
+        content = _content(msg, path, out)
+        calls = tuple(
+            {
+                "id": c.id,
+                "type": c.type or "function",
+                "function": {"name": c.function.name, "arguments": c.function.arguments},
+            }
+            for c in msg.tool_calls
+        )
+        if calls and msg.role != "assistant":
+            out.append(
+                FieldViolation(f"{path}.tool_calls", "only assistant messages carry `tool_calls`", "value_error")
+            )
+        if content is None and not (msg.role == "assistant" and calls):
+            out.append(
+                FieldViolation(f"{path}.content", f"a {msg.role or 'message'} message needs `content`", "missing")
+            )
+        if msg.role == "tool" and not msg.HasField("tool_call_id"):
+            out.append(FieldViolation(f"{path}.tool_call_id", "a tool message needs `tool_call_id`", "missing"))
+        result.append(
+            ChatMessage(
+                role=msg.role,
+                content=content,
+                name=msg.name if msg.HasField("name") else None,
+                tool_calls=calls,
+                tool_call_id=msg.tool_call_id if msg.HasField("tool_call_id") else None,
+            )
+        )
+    return tuple(result)
+
+
+def _finite(name: str, value: float, out: list[FieldViolation]) -> bool:
+    if math.isfinite(value):
+        return True
+    out.append(FieldViolation(name, f"`{name}` must be a finite number, got {value}", "value_error"))
+    return False
+
+
+def validate(
+    request: chat_pb2.ChatCompletionRequest,
+    *,
+    streaming: bool,
+    served_names: frozenset[str],
+    default_model: str,
+    limits: Limits,
+) -> ChatParams:
+    """Check `request` and return its frozen params; raise InvalidRequest or ModelNotFound."""
+    out: list[FieldViolation] = []
+    _check_fields(request, out)
+    messages = _messages(request, limits, out)
+
+    model = request.model if request.HasField("model") and request.model else default_model
+    if request.HasField("stream") and request.stream != streaming:
+        rpc = "StreamChatCompletion" if streaming else "CreateChatCompletion"
+        out.append(
+            FieldViolation(
+                "stream",
+                f"`stream: {str(request.stream).lower()}` does not match the {rpc} RPC",
+                "value_error",
+            )
+        )
+    if request.HasField("stream_options") and not streaming:
+        out.append(
+            FieldViolation("stream_options", "`stream_options` is only allowed with `stream: true`", "value_error")
+        )
+    include_usage = bool(request.stream_options.include_usage) if request.HasField("stream_options") else False
+
+    max_tokens: int | None = None
+    for name in ("max_tokens", "max_completion_tokens"):  # the latter wins
+        if request.HasField(name):
+            value = getattr(request, name)
+            if value < 1:
+                out.append(FieldViolation(name, f"`{name}` must be >= 1, got {value}", "greater_than_equal"))
+            elif value > limits.max_tokens_cap:
+                out.append(
+                    FieldViolation(
+                        name,
+                        f"`{name}` must be <= {limits.max_tokens_cap} (server limit), got {value}",
+                        "less_than_equal",
+                    )
+                )
+            else:
+                max_tokens = value
+
+    temperature = 1.0
+    if request.HasField("temperature") and _finite("temperature", request.temperature, out):
+        temperature = request.temperature
+        if not 0.0 <= temperature <= limits.max_temperature:
+            out.append(
+                FieldViolation(
+                    "temperature",
+                    f"`temperature` must be in [0, {limits.max_temperature:g}], got {temperature:g}",
+                    "range",
+                )
+            )
+    top_p = 1.0
+    if request.HasField("top_p") and _finite("top_p", request.top_p, out):
+        top_p = request.top_p
+        if not 0.0 < top_p <= 1.0:
+            out.append(FieldViolation("top_p", f"`top_p` must be in (0, 1], got {top_p:g}", "range"))
+    seed = request.seed & 0xFFFF_FFFF_FFFF_FFFF if request.HasField("seed") else None
+
+    if out:
+        raise InvalidRequest(out)
+    if model not in served_names:
+        raise ModelNotFound(f"model {model!r} is not served here; served: {', '.join(sorted(served_names))}")
+
+    bookkeeping: dict[str, Any] = {}
+    if request.HasField("store"):
+        bookkeeping["store"] = request.store
+    if request.metadata:
+        bookkeeping["metadata"] = dict(request.metadata)
+    if request.HasField("service_tier"):
+        bookkeeping["service_tier"] = request.service_tier
+    return ChatParams(
+        messages=messages,
+        model=model,
+        stream=streaming,
+        include_usage=include_usage,
+        max_tokens=max_tokens,
+        sampling=SamplingParams(temperature=temperature, top_p=top_p, seed=seed),
+        user=request.user if request.HasField("user") else None,
+        log_prompt=request.log_prompt,
+        bookkeeping=bookkeeping,
+    )

@@ -1,0 +1,259 @@
+"""The gRPC service: ChatService, ModelService, grpc.health.v1 and server reflection.
+
+The servicer is thin: validate (params.py) -> render and tokenize (model.py, off the event loop) -> submit to the
+engine -> convert events to protobuf. Every ServiceError becomes its gRPC status with google.rpc details in one
+place (`_abort`). A client that goes away (CANCELLED) frees its sequence in the handler's `finally`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+
+from tokenwire.v1 import chat_pb2, chat_pb2_grpc, models_pb2, models_pb2_grpc
+
+from .engine import Engine, EngineRequest, FinishReason, StepEvent
+from .errors import ServiceError, ServiceUnavailable
+from .model import ServedModel
+from .params import ChatParams, Limits, validate
+
+log = logging.getLogger("tokenwire.service")
+
+CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+MODEL_SERVICE = models_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
+HEALTH_NAMES = ("", CHAT_SERVICE, "readiness")
+
+_FINISH = {
+    FinishReason.STOP: chat_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: chat_pb2.FINISH_REASON_LENGTH,
+}
+
+
+@dataclass
+class ServiceState:
+    """What the RPCs share: the model and engine once loaded, the limits."""
+
+    limits: Limits
+    served: ServedModel | None = None
+    engine: Engine | None = None
+
+    def ready(self) -> tuple[ServedModel, Engine]:
+        if self.served is None or self.engine is None or not self.engine.alive:
+            raise ServiceUnavailable("the model is still loading (or the engine stopped); retry shortly")
+        return self.served, self.engine
+
+
+async def _abort(context: grpc.aio.ServicerContext[object, object], err: ServiceError) -> None:
+    await context.abort_with_status(rpc_status.to_status(err.to_status()))
+
+
+class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
+    """tokenwire.v1.ChatService."""
+
+    def __init__(self, state: ServiceState) -> None:
+        self.state = state
+
+    async def _prepare(
+        self, request: chat_pb2.ChatCompletionRequest, streaming: bool
+    ) -> tuple[ServedModel, Engine, ChatParams, EngineRequest]:
+        served, engine = self.state.ready()
+        params = validate(
+            request,
+            streaming=streaming,
+            served_names=served.names,
+            default_model=served.name,
+            limits=self.state.limits,
+        )
+        prompt_ids = await asyncio.to_thread(served.render_prompt, params)
+        max_new = served.max_new_tokens(params, len(prompt_ids), self.state.limits.default_max_tokens)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        fields: dict[str, object] = {
+            "request_id": request_id,
+            "prompt_tokens": len(prompt_ids),
+            "max_tokens": max_new,
+            "stream": streaming,
+        }
+        if params.user is not None:
+            fields["user"] = params.user
+        fields.update(params.bookkeeping)
+        if params.log_prompt:
+            fields["prompt"] = served.tokenizer.decode(prompt_ids)
+        log.info("request", extra={"fields": fields})
+        s = params.sampling
+        engine_request = EngineRequest(request_id, tuple(prompt_ids), max_new, s.temperature, s.top_p, s.seed)
+        return served, engine, params, engine_request
+
+    async def CreateChatCompletion(
+        self, request: chat_pb2.ChatCompletionRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> chat_pb2.ChatCompletion:
+        try:
+            served, engine, params, req = await self._prepare(request, streaming=False)
+        except ServiceError as err:
+            await _abort(context, err)
+            raise AssertionError("unreachable") from None
+        handle = engine.submit(req, asyncio.get_running_loop())
+        texts: list[str] = []
+        count = 0
+        finish = FinishReason.LENGTH
+        try:
+            async for event in handle:
+                if event.error is not None:
+                    await _abort(context, ServiceUnavailable(event.error))
+                texts.append(event.text)
+                count += len(event.tokens)
+                if event.finish_reason is not None:
+                    finish = event.finish_reason
+        finally:
+            handle.cancel()
+        prompt_tokens = len(req.prompt_ids)
+        return chat_pb2.ChatCompletion(
+            id=req.request_id,
+            object="chat.completion",
+            created=int(time.time()),
+            model=params.model,
+            system_fingerprint=served.fingerprint,
+            choices=[
+                chat_pb2.Choice(
+                    index=0,
+                    message=chat_pb2.AssistantMessage(role="assistant", content="".join(texts)),
+                    finish_reason=_FINISH[finish],
+                )
+            ],
+            usage=chat_pb2.Usage(
+                prompt_tokens=prompt_tokens, completion_tokens=count, total_tokens=prompt_tokens + count
+            ),
+        )
+
+    async def StreamChatCompletion(
+        self, request: chat_pb2.ChatCompletionRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> AsyncIterator[chat_pb2.ChatCompletionChunk]:
+        try:
+            served, engine, params, req = await self._prepare(request, streaming=True)
+        except ServiceError as err:
+            await _abort(context, err)
+            return
+        handle = engine.submit(req, asyncio.get_running_loop())
+        created = int(time.time())
+
+        def chunk(
+            choices: list[chat_pb2.ChunkChoice], usage: chat_pb2.Usage | None = None
+        ) -> chat_pb2.ChatCompletionChunk:
+            return chat_pb2.ChatCompletionChunk(
+                id=req.request_id,
+                object="chat.completion.chunk",
+                created=created,
+                model=params.model,
+                system_fingerprint=served.fingerprint,
+                choices=choices,
+                usage=usage,
+            )
+
+        count = 0
+        try:
+            # The first chunk carries the role (OpenAI sends it before any content).
+            yield chunk([chat_pb2.ChunkChoice(index=0, delta=chat_pb2.Delta(role="assistant", content=""))])
+            async for event in handle:
+                if event.error is not None:
+                    await _abort(context, ServiceUnavailable(event.error))
+                count += len(event.tokens)
+                if event.text or event.finish_reason is not None:
+                    yield chunk([_delta_choice(event)])
+            if params.include_usage:
+                p = len(req.prompt_ids)
+                yield chunk([], chat_pb2.Usage(prompt_tokens=p, completion_tokens=count, total_tokens=p + count))
+        finally:
+            handle.cancel()
+
+
+def _delta_choice(event: StepEvent) -> chat_pb2.ChunkChoice:
+    delta = chat_pb2.Delta(content=event.text) if event.text else chat_pb2.Delta()
+    finish = _FINISH[event.finish_reason] if event.finish_reason is not None else chat_pb2.FINISH_REASON_UNSPECIFIED
+    return chat_pb2.ChunkChoice(index=0, delta=delta, finish_reason=finish)
+
+
+class ModelServicer(models_pb2_grpc.ModelServiceServicer):
+    """tokenwire.v1.ModelService."""
+
+    def __init__(self, state: ServiceState) -> None:
+        self.state = state
+
+    async def ListModels(
+        self, request: models_pb2.ListModelsRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> models_pb2.ListModelsResponse:
+        try:
+            served, _ = self.state.ready()
+        except ServiceError as err:
+            await _abort(context, err)
+            raise AssertionError("unreachable") from None
+        return models_pb2.ListModelsResponse(
+            object="list",
+            data=[
+                models_pb2.Model(
+                    id=served.name,
+                    object="model",
+                    created=served.created,
+                    owned_by="tokenwire",
+                    max_context_length=served.context_length,
+                    aliases=list(served.aliases),
+                )
+            ],
+        )
+
+
+class Service:
+    """The whole gRPC server: build it, `start()`, `load()` the model, `stop()`."""
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 50051, limits: Limits | None = None) -> None:
+        self.state = ServiceState(limits or Limits())
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                ("grpc.max_send_message_length", 16 * 1024 * 1024),
+            ]
+        )
+        chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(self.state), self.server)
+        models_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.state), self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (CHAT_SERVICE, MODEL_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind gRPC port {host}:{port}")
+        self.address = f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        """Listen; health answers NOT_SERVING until the model is loaded (liveness SERVING at once)."""
+        for name in HEALTH_NAMES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set("liveness", health_pb2.HealthCheckResponse.SERVING)
+        await self.server.start()
+        log.info("gRPC service listening", extra={"fields": {"address": self.address}})
+
+    async def attach(self, served: ServedModel) -> None:
+        """Start the engine on a loaded model and report SERVING."""
+        engine = Engine(
+            served.model, served.tokenizer, vocab_size=served.vocab_size, eos_token_ids=served.eos_token_ids
+        )
+        engine.start()
+        self.state.served, self.state.engine = served, engine
+        for name in HEALTH_NAMES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving", extra={"fields": {"model": served.name, "address": self.address}})
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Graceful: NOT_SERVING, let in-flight RPCs finish within `grace`, then stop the engine."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        if self.state.engine is not None:
+            await asyncio.to_thread(self.state.engine.stop)

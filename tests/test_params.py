@@ -1,0 +1,116 @@
+"""The service edge: one validation pass into frozen params, every violation named."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from service.errors import InvalidRequest, ModelNotFound
+from service.params import LATER, SUPPORTED, ChatParams, Limits, validate
+from tokenwire.v1 import chat_pb2
+
+USER = [chat_pb2.ChatMessage(role="user", text="hi")]
+
+
+def check(streaming: bool = False, **fields: object) -> ChatParams:
+    req = chat_pb2.ChatCompletionRequest(messages=fields.pop("messages", USER), **fields)  # type: ignore[arg-type]
+    return validate(
+        req, streaming=streaming, served_names=frozenset({"m", "alias"}), default_model="m", limits=Limits()
+    )
+
+
+def violations(streaming: bool = False, **fields: object) -> dict[str, str]:
+    with pytest.raises(InvalidRequest) as exc:
+        check(streaming, **fields)
+    return {v.field: v.description for v in exc.value.violations}
+
+
+def test_defaults_and_frozen() -> None:
+    p = check()
+    assert p.model == "m" and p.max_tokens is None and not p.stream and not p.include_usage
+    assert p.sampling.temperature == 1.0 and p.sampling.top_p == 1.0 and p.sampling.seed is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.model = "x"  # type: ignore[misc]
+
+
+def test_max_completion_tokens_wins() -> None:
+    assert check(max_tokens=5, max_completion_tokens=9).max_tokens == 9
+    assert check(max_tokens=5).max_tokens == 5
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "fragment"),
+    [
+        ({"temperature": -0.1}, "temperature", "[0, 2]"),
+        ({"temperature": 2.5}, "temperature", "got 2.5"),
+        ({"temperature": float("nan")}, "temperature", "finite"),
+        ({"top_p": 0.0}, "top_p", "(0, 1]"),
+        ({"top_p": 1.5}, "top_p", "got 1.5"),
+        ({"max_tokens": 0}, "max_tokens", ">= 1"),
+        ({"max_completion_tokens": 10**6}, "max_completion_tokens", "<= 4096"),
+        ({"messages": []}, "messages", "at least one"),
+        ({"messages": [chat_pb2.ChatMessage(role="robot", text="x")]}, "messages[0].role", "one of"),
+        ({"messages": [chat_pb2.ChatMessage(role="user")]}, "messages[0].content", "needs `content`"),
+        (
+            {"messages": [chat_pb2.ChatMessage(role="tool", text="42")]},
+            "messages[0].tool_call_id",
+            "tool_call_id",
+        ),
+        ({"stream": True}, "stream", "does not match"),
+        ({"stream_options": chat_pb2.StreamOptions(include_usage=True)}, "stream_options", "only allowed"),
+        ({"suffix": "x"}, "suffix", "not supported for chat models"),
+        ({"audio_json": "{}"}, "audio", "text-only"),
+        ({"modalities": ["text", "audio"]}, "modalities", 'only ["text"]'),
+        ({"guided_regex": "a+"}, "guided_regex", "not supported yet (arrives with guided decoding)"),
+        ({"chat_template_kwargs_json": "{}"}, "chat_template_kwargs", "not supported yet"),
+        ({"top_k": 5}, "top_k", "not supported yet"),
+        ({"openai_api_key": "sk"}, "openai_api_key", "no upstream provider"),
+    ],
+)
+def test_violations_name_the_field(fields: dict[str, object], field: str, fragment: str) -> None:
+    found = violations(**fields)
+    assert field in found, found
+    assert fragment in found[field]
+
+
+def test_all_violations_reported_together() -> None:
+    found = violations(messages=[], temperature=-1.0, top_p=2.0, n=4)
+    assert set(found) == {"messages", "temperature", "top_p", "n"}
+
+
+def test_neutral_values_are_accepted() -> None:
+    p = check(
+        n=1,
+        best_of=1,
+        logprobs=False,
+        top_logprobs=0,
+        top_k=-1,
+        min_p=0.0,
+        repetition_penalty=1.0,
+        modalities=["text"],
+        response_format=chat_pb2.ResponseFormat(type="text"),
+    )
+    assert p.model == "m"
+
+
+def test_streaming_options() -> None:
+    p = check(streaming=True, stream=True, stream_options=chat_pb2.StreamOptions(include_usage=True))
+    assert p.stream and p.include_usage
+
+
+def test_unknown_model_and_alias() -> None:
+    assert check(model="alias").model == "alias"
+    with pytest.raises(ModelNotFound):
+        check(model="other")
+
+
+def test_every_proto_field_is_supported_or_explained() -> None:
+    """A field added to the proto must be handled here, or rejected with a reason (meta-test against drift)."""
+    handled = SUPPORTED | set(LATER) | {"suffix", "audio_json", "modalities"}
+    names = {f.name for f in chat_pb2.ChatCompletionRequest.DESCRIPTOR.fields}
+    assert names - handled == set()
+
+
+def test_negative_seed_maps_to_u64() -> None:
+    assert check(seed=-1).sampling.seed == 2**64 - 1

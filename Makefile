@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tokenwire-installed
 RUST_SRC := $(shell find sampler_rs/src -name '*.rs' 2>/dev/null) sampler_rs/Cargo.toml sampler_rs/Cargo.lock
 
-.PHONY: install up test check lint typecheck proto proto-check rust-check pytest bench clean
+.PHONY: install up test check lint typecheck proto proto-check rust-check pytest bench bench-sampler clean
 
 $(STAMP): pyproject.toml scripts/install.sh $(RUST_SRC)
 	./scripts/install.sh
@@ -30,8 +30,8 @@ proto-check: install
 	$(PY) scripts/gen_proto.py --check
 
 lint: install
-	$(VENV)/bin/ruff check service gateway tests scripts
-	$(VENV)/bin/ruff format --check service gateway tests scripts
+	$(VENV)/bin/ruff check service gateway tests scripts bench
+	$(VENV)/bin/ruff format --check service gateway tests scripts bench
 
 typecheck: install
 	$(VENV)/bin/mypy
@@ -47,3 +47,9 @@ pytest: install
 
 clean:
 	rm -rf $(VENV) target sampler_rs/target
+
+## Benchmarks (not tests): each prints a table and writes bench/results/*.json.
+bench: bench-sampler
+
+bench-sampler: install
+	$(PY) bench/sampler.py

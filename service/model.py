@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, tiny_model
+from . import vocab as vocab_mod
 from .errors import ContextLengthExceeded, FieldViolation, InvalidRequest
 from .params import ChatParams
+from .vocab import Vocabulary
 
 log = logging.getLogger("tokenwire.model")
 
@@ -31,6 +33,7 @@ class ServedModel:
     fingerprint: str
     created: int
     embedded: bool
+    vocab: Vocabulary  # token id -> bytes / text (logprobs, guided decoding)
 
     @property
     def names(self) -> frozenset[str]:
@@ -135,6 +138,7 @@ def load(
         fingerprint=_fingerprint(model.config, revision),
         created=int(time.time()),
         embedded=model_id is None,
+        vocab=vocab_mod.from_tokenizer(tokenizer),
     )
     log.info(
         "model loaded",

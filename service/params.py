@@ -23,24 +23,14 @@ from .errors import FieldViolation, InvalidRequest, ModelNotFound
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 # Fields handled by this module (beyond the always-accepted bookkeeping fields).
-SUPPORTED = frozenset(
-    {
-        "messages",
-        "model",
-        "stream",
-        "stream_options",
-        "max_tokens",
-        "max_completion_tokens",
-        "temperature",
-        "top_p",
-        "seed",
-        "user",
-        "log_prompt",
-        "store",
-        "metadata",
-        "service_tier",
-    }
-)
+# fmt: off
+SUPPORTED = frozenset({
+    "messages", "model", "stream", "stream_options", "max_tokens", "max_completion_tokens",
+    "temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty",
+    "logit_bias", "seed", "logprobs", "top_logprobs", "min_tokens", "ignore_eos",
+    "user", "log_prompt", "store", "metadata", "service_tier",
+})
+# fmt: on
 
 # Fields that are accepted when they hold their neutral value: name -> predicate on the value.
 NEUTRAL: dict[str, Any] = {
@@ -66,19 +56,6 @@ NEUTRAL: dict[str, Any] = {
 LATER: dict[str, str] = {
     **dict.fromkeys(
         [
-            "top_k",
-            "min_p",
-            "frequency_penalty",
-            "presence_penalty",
-            "repetition_penalty",
-            "logit_bias",
-            "logprobs",
-            "top_logprobs",
-        ],
-        "the full sampler pipeline",
-    ),
-    **dict.fromkeys(
-        [
             "n",
             "best_of",
             "use_beam_search",
@@ -86,8 +63,6 @@ LATER: dict[str, str] = {
             "early_stopping",
             "stop",
             "include_stop_str_in_output",
-            "ignore_eos",
-            "min_tokens",
             "loglikelihood",
             "chat_template",
             "chat_template_kwargs_json",
@@ -167,11 +142,23 @@ class ChatMessage:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How the next token is chosen. temperature 0 = greedy (top_p then plays no role)."""
+    """How the next token is chosen; each field's "off" value is its default.
 
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature 0 = greedy (top_k / top_p / min_p then play no role). The order in which the sampler applies
+    them is written down once, in sampler_rs (src/sampling/mod.rs).
+    """
+
+    temperature: float = 1.0  # >= 0
+    top_p: float = 1.0  # (0, 1]
+    top_k: int = 0  # 0 = off, else keep the k best
+    min_p: float = 0.0  # [0, 1]
+    frequency_penalty: float = 0.0  # [-2, 2], over generated tokens
+    presence_penalty: float = 0.0  # [-2, 2], over generated tokens
+    repetition_penalty: float = 1.0  # > 0, over prompt + generated tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100])
     seed: int | None = None  # u64, or None for a random seed
+    min_tokens: int = 0  # EOS is masked until this many tokens were generated
+    ignore_eos: bool = False  # EOS is always masked
 
     @property
     def greedy(self) -> bool:
@@ -188,6 +175,8 @@ class ChatParams:
     include_usage: bool
     max_tokens: int | None  # None: the server default, capped by the remaining context
     sampling: SamplingParams
+    logprobs: bool = False
+    top_logprobs: int = 0  # 0..20 alternatives per token (needs logprobs)
     user: str | None = None
     log_prompt: bool = False
     bookkeeping: dict[str, Any] = field(default_factory=dict)  # store / metadata / service_tier, logged only
@@ -296,6 +285,41 @@ def _finite(name: str, value: float, out: list[FieldViolation]) -> bool:
     return False
 
 
+def _ranged(
+    request: chat_pb2.ChatCompletionRequest, name: str, default: float, lo: float, hi: float, out: list[FieldViolation]
+) -> float:
+    if not request.HasField(name):  # type: ignore[arg-type]
+        return default
+    value = float(getattr(request, name))
+    if not _finite(name, value, out):
+        return default
+    if not lo <= value <= hi:
+        out.append(FieldViolation(name, f"`{name}` must be in [{lo:g}, {hi:g}], got {value:g}", "range"))
+    return value
+
+
+def _logit_bias(
+    request: chat_pb2.ChatCompletionRequest, vocab_size: int, out: list[FieldViolation]
+) -> tuple[tuple[int, float], ...]:
+    result: list[tuple[int, float]] = []
+    for key, bias in sorted(request.logit_bias.items()):
+        where = f"logit_bias.{key}"
+        try:
+            token_id = int(key)
+        except ValueError:
+            out.append(FieldViolation(where, f"`logit_bias` keys must be token ids, got {key!r}", "int_parsing"))
+            continue
+        if not 0 <= token_id < vocab_size:
+            msg = f"token id {token_id} is not in the vocabulary (0..{vocab_size - 1})"
+            out.append(FieldViolation(where, msg, "unknown_token"))
+            continue
+        if not (math.isfinite(bias) and -100.0 <= bias <= 100.0):
+            out.append(FieldViolation(where, f"a logit bias must be in [-100, 100], got {bias:g}", "range"))
+            continue
+        result.append((token_id, float(bias)))
+    return tuple(result)
+
+
 def validate(
     request: chat_pb2.ChatCompletionRequest,
     *,
@@ -303,6 +327,7 @@ def validate(
     served_names: frozenset[str],
     default_model: str,
     limits: Limits,
+    vocab_size: int,
 ) -> ChatParams:
     """Check `request` and return its frozen params; raise InvalidRequest or ModelNotFound."""
     out: list[FieldViolation] = []
@@ -359,6 +384,28 @@ def validate(
         if not 0.0 < top_p <= 1.0:
             out.append(FieldViolation("top_p", f"`top_p` must be in (0, 1], got {top_p:g}", "range"))
     seed = request.seed & 0xFFFF_FFFF_FFFF_FFFF if request.HasField("seed") else None
+    top_k = request.top_k if request.HasField("top_k") else 0
+    if top_k < -1:
+        out.append(FieldViolation("top_k", f"`top_k` must be -1 or 0 (off) or >= 1, got {top_k}", "greater_than_equal"))
+    min_p = _ranged(request, "min_p", 0.0, 0.0, 1.0, out)
+    frequency_penalty = _ranged(request, "frequency_penalty", 0.0, -2.0, 2.0, out)
+    presence_penalty = _ranged(request, "presence_penalty", 0.0, -2.0, 2.0, out)
+    repetition_penalty = 1.0
+    if request.HasField("repetition_penalty") and _finite("repetition_penalty", request.repetition_penalty, out):
+        repetition_penalty = request.repetition_penalty
+        if repetition_penalty <= 0.0:
+            msg = f"`repetition_penalty` must be > 0, got {repetition_penalty:g}"
+            out.append(FieldViolation("repetition_penalty", msg, "greater_than"))
+    logit_bias = _logit_bias(request, vocab_size, out)
+    top_logprobs = request.top_logprobs if request.HasField("top_logprobs") else 0
+    if top_logprobs > 20:
+        out.append(FieldViolation("top_logprobs", f"`top_logprobs` must be in [0, 20], got {top_logprobs}", "range"))
+    if top_logprobs > 0 and not request.logprobs:
+        out.append(FieldViolation("top_logprobs", "`top_logprobs` requires `logprobs: true`", "value_error"))
+    min_tokens = request.min_tokens if request.HasField("min_tokens") else 0
+    if max_tokens is not None and min_tokens > max_tokens:
+        msg = f"`min_tokens` ({min_tokens}) must be <= the max tokens ({max_tokens})"
+        out.append(FieldViolation("min_tokens", msg, "less_than_equal"))
 
     if out:
         raise InvalidRequest(out)
@@ -378,7 +425,21 @@ def validate(
         stream=streaming,
         include_usage=include_usage,
         max_tokens=max_tokens,
-        sampling=SamplingParams(temperature=temperature, top_p=top_p, seed=seed),
+        sampling=SamplingParams(
+            temperature=temperature,
+            top_p=top_p,
+            top_k=max(top_k, 0),
+            min_p=min_p,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+            repetition_penalty=repetition_penalty,
+            logit_bias=logit_bias,
+            seed=seed,
+            min_tokens=min_tokens,
+            ignore_eos=request.ignore_eos,
+        ),
+        logprobs=request.logprobs,
+        top_logprobs=top_logprobs,
         user=request.user if request.HasField("user") else None,
         log_prompt=request.log_prompt,
         bookkeeping=bookkeeping,

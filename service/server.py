@@ -21,10 +21,11 @@ from grpc_status import rpc_status
 
 from tokenwire.v1 import chat_pb2, chat_pb2_grpc, models_pb2, models_pb2_grpc
 
-from .engine import Engine, EngineRequest, FinishReason, StepEvent
+from .engine import Engine, EngineRequest, FinishReason, StepEvent, TokenInfo
 from .errors import ServiceError, ServiceUnavailable
 from .model import ServedModel
 from .params import ChatParams, Limits, validate
+from .vocab import Vocabulary
 
 log = logging.getLogger("tokenwire.service")
 
@@ -72,6 +73,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             served_names=served.names,
             default_model=served.name,
             limits=self.state.limits,
+            vocab_size=served.vocab_size,
         )
         prompt_ids = await asyncio.to_thread(served.render_prompt, params)
         max_new = served.max_new_tokens(params, len(prompt_ids), self.state.limits.default_max_tokens)
@@ -88,8 +90,9 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         if params.log_prompt:
             fields["prompt"] = served.tokenizer.decode(prompt_ids)
         log.info("request", extra={"fields": fields})
-        s = params.sampling
-        engine_request = EngineRequest(request_id, tuple(prompt_ids), max_new, s.temperature, s.top_p, s.seed)
+        engine_request = EngineRequest(
+            request_id, tuple(prompt_ids), max_new, params.sampling, params.top_logprobs if params.logprobs else 0
+        )
         return served, engine, params, engine_request
 
     async def CreateChatCompletion(
@@ -102,18 +105,19 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             raise AssertionError("unreachable") from None
         handle = engine.submit(req, asyncio.get_running_loop())
         texts: list[str] = []
-        count = 0
+        tokens: list[TokenInfo] = []
         finish = FinishReason.LENGTH
         try:
             async for event in handle:
                 if event.error is not None:
                     await _abort(context, ServiceUnavailable(event.error))
                 texts.append(event.text)
-                count += len(event.tokens)
+                tokens.extend(event.tokens)
                 if event.finish_reason is not None:
                     finish = event.finish_reason
         finally:
             handle.cancel()
+        count = len(tokens)
         prompt_tokens = len(req.prompt_ids)
         return chat_pb2.ChatCompletion(
             id=req.request_id,
@@ -125,6 +129,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 chat_pb2.Choice(
                     index=0,
                     message=chat_pb2.AssistantMessage(role="assistant", content="".join(texts)),
+                    logprobs=_logprobs(served.vocab, tokens, params.top_logprobs) if params.logprobs else None,
                     finish_reason=_FINISH[finish],
                 )
             ],
@@ -158,6 +163,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             )
 
         count = 0
+        pending: list[TokenInfo] = []  # tokens whose text is held back (incomplete character): sent with the next delta
         try:
             # The first chunk carries the role (OpenAI sends it before any content).
             yield chunk([chat_pb2.ChunkChoice(index=0, delta=chat_pb2.Delta(role="assistant", content=""))])
@@ -165,13 +171,36 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 if event.error is not None:
                     await _abort(context, ServiceUnavailable(event.error))
                 count += len(event.tokens)
+                pending.extend(event.tokens)
                 if event.text or event.finish_reason is not None:
-                    yield chunk([_delta_choice(event)])
+                    choice = _delta_choice(event)
+                    if params.logprobs:
+                        choice.logprobs.CopyFrom(_logprobs(served.vocab, pending, params.top_logprobs))
+                    pending.clear()
+                    yield chunk([choice])
             if params.include_usage:
                 p = len(req.prompt_ids)
                 yield chunk([], chat_pb2.Usage(prompt_tokens=p, completion_tokens=count, total_tokens=p + count))
         finally:
             handle.cancel()
+
+
+def _logprobs(vocab: Vocabulary, tokens: list[TokenInfo], top: int) -> chat_pb2.ChoiceLogprobs:
+    """OpenAI's logprobs shape: the model's raw log-softmax of each token, and its best `top` alternatives."""
+    return chat_pb2.ChoiceLogprobs(
+        content=[
+            chat_pb2.TokenLogprob(
+                token=vocab.text(t.token_id),
+                logprob=t.logprob,
+                bytes=vocab.token_bytes[t.token_id],
+                top_logprobs=[
+                    chat_pb2.TopLogprob(token=vocab.text(i), logprob=lp, bytes=vocab.token_bytes[i])
+                    for i, lp in t.top_logprobs[:top]
+                ],
+            )
+            for t in tokens
+        ]
+    )
 
 
 def _delta_choice(event: StepEvent) -> chat_pb2.ChunkChoice:

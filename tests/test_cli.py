@@ -60,7 +60,10 @@ def test_curl_from_the_readme(running_up: tuple[subprocess.Popen[str], int]) -> 
     body = readme.split(command, 1)[1].split("'", 2)[1]  # the -d '...' payload on the next line
     out = subprocess.run(
         ["curl", "-s", f"localhost:{port}/v1/chat/completions", "-H", "content-type: application/json", "-d", body],
-        capture_output=True, text=True, check=True, timeout=60,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     ).stdout
     data = json.loads(out)
     assert data["object"] == "chat.completion" and data["model"] == "tiny-cli"
@@ -69,8 +72,11 @@ def test_curl_from_the_readme(running_up: tuple[subprocess.Popen[str], int]) -> 
 
 def test_sigterm_exits_cleanly(running_up: tuple[subprocess.Popen[str], int]) -> None:
     proc, port = running_up
-    r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions",
-                   json={"messages": [{"role": "user", "content": "SECRET-PROMPT-TEXT"}], "max_tokens": 2}, timeout=60)
+    r = httpx.post(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "SECRET-PROMPT-TEXT"}], "max_tokens": 2},
+        timeout=60,
+    )
     assert r.status_code == 200
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)

@@ -221,7 +221,7 @@ def test_grpc_invalid_argument_carries_field_violations(grpc_channel: grpc.Chann
             json.dumps({"messages": MESSAGES, "stream_options": {"include_usage": True}}).encode(),
             ["body", "stream_options"],
         ),
-        (json.dumps({"messages": MESSAGES, "stream": True, "top_k": 5}).encode(), ["body", "top_k"]),
+        (json.dumps({"messages": MESSAGES, "stream": True, "top_k": -5}).encode(), ["body", "top_k"]),
     ],
 )
 def test_bad_input_is_422_naming_the_field(servers: Servers, body: bytes, loc: list[object]) -> None:

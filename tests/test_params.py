@@ -16,7 +16,12 @@ USER = [chat_pb2.ChatMessage(role="user", text="hi")]
 def check(streaming: bool = False, **fields: object) -> ChatParams:
     req = chat_pb2.ChatCompletionRequest(messages=fields.pop("messages", USER), **fields)  # type: ignore[arg-type]
     return validate(
-        req, streaming=streaming, served_names=frozenset({"m", "alias"}), default_model="m", limits=Limits()
+        req,
+        streaming=streaming,
+        served_names=frozenset({"m", "alias"}),
+        default_model="m",
+        limits=Limits(),
+        vocab_size=1000,
     )
 
 
@@ -64,7 +69,18 @@ def test_max_completion_tokens_wins() -> None:
         ({"modalities": ["text", "audio"]}, "modalities", 'only ["text"]'),
         ({"guided_regex": "a+"}, "guided_regex", "not supported yet (arrives with guided decoding)"),
         ({"chat_template_kwargs_json": "{}"}, "chat_template_kwargs", "not supported yet"),
-        ({"top_k": 5}, "top_k", "not supported yet"),
+        ({"stop": ["x"]}, "stop", "not supported yet"),
+        ({"top_k": -2}, "top_k", "got -2"),
+        ({"min_p": 1.5}, "min_p", "[0, 1]"),
+        ({"frequency_penalty": 2.5}, "frequency_penalty", "[-2, 2]"),
+        ({"presence_penalty": -3.0}, "presence_penalty", "got -3"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty", "> 0"),
+        ({"logit_bias": {"abc": 1.0}}, "logit_bias.abc", "token ids"),
+        ({"logit_bias": {"99999": 1.0}}, "logit_bias.99999", "not in the vocabulary"),
+        ({"logit_bias": {"5": 101.0}}, "logit_bias.5", "[-100, 100]"),
+        ({"top_logprobs": 21, "logprobs": True}, "top_logprobs", "[0, 20]"),
+        ({"top_logprobs": 3}, "top_logprobs", "requires `logprobs: true`"),
+        ({"min_tokens": 9, "max_tokens": 4}, "min_tokens", "<= the max tokens"),
         ({"openai_api_key": "sk"}, "openai_api_key", "no upstream provider"),
     ],
 )
@@ -114,3 +130,20 @@ def test_every_proto_field_is_supported_or_explained() -> None:
 
 def test_negative_seed_maps_to_u64() -> None:
     assert check(seed=-1).sampling.seed == 2**64 - 1
+
+
+def test_sampler_fields_reach_the_params() -> None:
+    p = check(top_k=40, min_p=0.05, frequency_penalty=0.5, presence_penalty=-0.5, repetition_penalty=1.2,
+              logit_bias={"7": -100.0, "3": 2.5}, logprobs=True, top_logprobs=5, min_tokens=2, ignore_eos=True,
+              seed=42)  # fmt: skip
+    s = p.sampling
+    assert (s.top_k, s.min_p, s.frequency_penalty, s.presence_penalty, s.repetition_penalty) == (
+        40,
+        0.05,
+        0.5,
+        -0.5,
+        1.2,
+    )
+    assert s.logit_bias == ((3, 2.5), (7, -100.0)) and s.seed == 42
+    assert (s.min_tokens, s.ignore_eos, p.logprobs, p.top_logprobs) == (2, True, True, 5)
+    assert check(top_k=-1).sampling.top_k == 0

@@ -29,6 +29,7 @@ import torch
 
 import sampler_rs
 
+from ..params import SamplingParams
 from .detokenizer import IncrementalDetokenizer
 from .runner import ModelRunner
 
@@ -68,9 +69,8 @@ class EngineRequest:
     request_id: str
     prompt_ids: tuple[int, ...]
     max_new_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None
+    sampling: SamplingParams
+    top_logprobs: int = 0  # alternatives to report per token (the chosen token's logprob is always reported)
 
 
 @dataclass
@@ -180,13 +180,29 @@ class Engine:
             cancelled = set(self._cancelled)
             self._cancelled.clear()
         for seq in incoming:
-            r = seq.request
-            params = sampler_rs.SamplingParams(temperature=r.temperature, top_p=r.top_p, seed=r.seed)
-            self.sampler.add_sequence(seq.seq_id, params, list(r.prompt_ids))
+            self.sampler.add_sequence(seq.seq_id, self._sampler_params(seq.request), list(seq.request.prompt_ids))
             self._running[seq.seq_id] = seq
         for seq_id in cancelled:
             if self._free(seq_id):
                 self.cancellations += 1
+
+    def _sampler_params(self, r: EngineRequest) -> Any:
+        s = r.sampling
+        return sampler_rs.SamplingParams(
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            min_p=s.min_p,
+            seed=s.seed,
+            top_logprobs=r.top_logprobs,
+            repetition_penalty=s.repetition_penalty,
+            frequency_penalty=s.frequency_penalty,
+            presence_penalty=s.presence_penalty,
+            logit_bias=dict(s.logit_bias) or None,
+            min_tokens=s.min_tokens,
+            ignore_eos=s.ignore_eos,
+            eos_token_ids=sorted(self.eos_token_ids),
+        )
 
     def _free(self, seq_id: int) -> bool:
         seq = self._running.pop(seq_id, None)

@@ -1,32 +1,42 @@
 """The gateway's ASGI app: REST + SSE in front of the gRPC service.
 
-Routes: POST /v1/chat/completions (and the hosted providers' aliases), GET /v1/models, GET /health.
-`stream: true` calls the server-streaming RPC; the gateway waits for its first message before answering 200, so
-a request the service rejects still gets its real status, then writes `data: {chunk}\\n\\n` ... `data: [DONE]\\n\\n`.
-A failure after the 200 becomes a `data: {"error": ...}` event before `[DONE]`. When the HTTP client goes away,
-the response generator is cancelled and so is the gRPC call, which frees the sequence in the engine.
+Routes: POST /v1/chat/completions and the hosted providers' aliases (configurable), GET /v1/models, GET /health
+(the service's gRPC health), GET /metrics (Prometheus), GET /openapi.json (derived from the proto).
+
+`stream: true` calls the server-streaming RPC. The gateway waits for its first message before answering 200, so a
+request the service rejects still gets its real status; then it writes `data: {chunk}` events and `data: [DONE]`,
+with `: ping` comments during long silences. A failure after the 200 becomes a `data: {"error": ...}` event before
+`[DONE]`. When the HTTP client goes away, the response generator is cancelled and so is the gRPC call, which
+frees the sequence in the engine. The gateway holds no model logic.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
+import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from service import __version__
 from tokenwire.v1 import chat_pb2, chat_pb2_grpc, models_pb2, models_pb2_grpc
 
+from .auth import ApiKeys
 from .errors import error_body, from_rpc_error, validation_body
+from .metrics import GatewayMetrics
+from .openapi import document
 from .transcode import TranscodeError, chunk_json, completion_json, models_json, parse_request
 
 log = logging.getLogger("tokenwire.gateway")
@@ -38,28 +48,38 @@ DEFAULT_CHAT_PATHS = (
     "/v4/beta/chat/completions",
 )
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+MiB = 1024 * 1024
 
 
 @dataclass
 class GatewayConfig:
     """How the gateway reaches the service and what it exposes."""
 
-    upstream: str = "127.0.0.1:50051"
+    upstream: str = "127.0.0.1:50051"  # any grpc target: host:port, or dns:///name:port for a pool of pods
     chat_paths: Sequence[str] = DEFAULT_CHAT_PATHS
-    max_body_bytes: int = 16 * 1024 * 1024
-    channel_options: list[tuple[str, Any]] = field(
-        default_factory=lambda: [
-            ("grpc.max_send_message_length", 16 * 1024 * 1024),
-            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    max_body_bytes: int = 4 * MiB  # the same value bounds the gRPC messages both ways
+    api_keys: ApiKeys = field(default_factory=ApiKeys)
+    sse_ping_seconds: float = 15.0
+    request_timeout_seconds: float | None = None  # gRPC deadline for unary calls; None = none
+
+    def channel_options(self) -> list[tuple[str, Any]]:
+        limit = self.max_body_bytes + MiB
+        return [
+            ("grpc.max_send_message_length", limit),
+            ("grpc.max_receive_message_length", 64 * MiB),
+            # A headless Service resolves to every pod: spread calls over them instead of pinning one.
+            ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.keepalive_permit_without_calls", 0),
         ]
-    )
 
 
 class _Upstream:
     """The gRPC channel and stubs, created inside the server's event loop."""
 
     def __init__(self, config: GatewayConfig) -> None:
-        self.channel = grpc.aio.insecure_channel(config.upstream, options=config.channel_options)
+        self.channel = grpc.aio.insecure_channel(config.upstream, options=config.channel_options())
         self.chat = chat_pb2_grpc.ChatServiceStub(self.channel)
         self.models = models_pb2_grpc.ModelServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
@@ -69,39 +89,72 @@ def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = No
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _rpc_error_response(err: grpc.aio.AioRpcError, request_id: str) -> JSONResponse:
-    status, body, headers = from_rpc_error(err)
-    return _json(status, body, {**headers, "x-request-id": request_id})
-
-
 def _sse(data: dict[str, Any] | str) -> bytes:
     text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     return f"data: {text}\n\n".encode()
 
 
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The body, or None when it is over `limit` bytes (checked on the header and while reading)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def create_app(config: GatewayConfig | None = None) -> Starlette:
     """Build the gateway app. The gRPC channel opens on startup and closes on shutdown."""
     cfg = config or GatewayConfig()
+    metrics = GatewayMetrics()
     state: dict[str, _Upstream] = {}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state["up"] = _Upstream(cfg)
-        log.info(
-            "gateway ready (open mode: no API key is configured)",
-            extra={"fields": {"upstream": cfg.upstream, "paths": list(cfg.chat_paths)}},
-        )
+        fields = {"upstream": cfg.upstream, "paths": list(cfg.chat_paths), "api_keys": len(cfg.api_keys.keys)}
+        if cfg.api_keys.open:
+            log.warning("gateway is OPEN: no API key is configured (set TOKENWIRE_API_KEYS or --api-keys-file)",
+                        extra={"fields": fields})  # fmt: skip
+        else:
+            log.info("gateway requires an API key", extra={"fields": fields})
         try:
             yield
         finally:
-            await state["up"].channel.close()
+            await state["up"].channel.close(None)
 
-    async def chat_completions(request: Request) -> Response:
-        request_id = request.headers.get("x-request-id") or f"req-{uuid.uuid4().hex}"
-        rid = {"x-request-id": request_id}
-        raw = await request.body()
-        if len(raw) > cfg.max_body_bytes:
-            return _json(413, error_body(413, f"request body over {cfg.max_body_bytes} bytes"), rid)
+    def guarded(route: str, handler: Callable[[Request, dict[str, str]], Awaitable[Response]]) -> Any:
+        """Request id, auth and metrics around a handler."""
+
+        async def endpoint(request: Request) -> Response:
+            started = time.perf_counter()
+            rid = {"x-request-id": request.headers.get("x-request-id") or f"req-{uuid.uuid4().hex}"}
+            denied = cfg.api_keys.check(request.headers)
+            if denied is not None:
+                response: Response = _json(401, {"error": {"message": denied, "type": "invalid_request_error",
+                                                           "param": None, "code": "invalid_api_key"}}, rid)  # fmt: skip
+            else:
+                try:
+                    response = await handler(request, rid)
+                except ClientDisconnect:
+                    response = _json(499, error_body(499, "the client closed the request"), rid)
+            metrics.requests.labels(route, str(response.status_code)).inc()
+            metrics.latency.labels(route).observe(time.perf_counter() - started)
+            return response
+
+        return endpoint
+
+    async def chat_completions(request: Request, rid: dict[str, str]) -> Response:
+        raw = await _read_body(request, cfg.max_body_bytes)
+        if raw is None:
+            return _json(413, error_body(413, f"the request body is over {cfg.max_body_bytes} bytes",
+                                         code="request_too_large"), rid)  # fmt: skip
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -111,57 +164,89 @@ def create_app(config: GatewayConfig | None = None) -> Starlette:
             pb = parse_request(body)
         except TranscodeError as exc:
             return _json(422, validation_body(exc.violations), rid)
-        metadata = (("x-request-id", request_id),)
+        metadata = (("x-request-id", rid["x-request-id"]),)
         up = state["up"]
         if not stream:
             try:
-                result = await up.chat.CreateChatCompletion(pb, metadata=metadata)
+                result = await up.chat.CreateChatCompletion(pb, metadata=metadata, timeout=cfg.request_timeout_seconds)
             except grpc.aio.AioRpcError as err:
-                return _rpc_error_response(err, request_id)
+                return _rpc_error_response(err, rid)
             return _json(200, completion_json(result), rid)
         call = up.chat.StreamChatCompletion(pb, metadata=metadata)
         try:
             first = await call.read()
         except grpc.aio.AioRpcError as err:
-            return _rpc_error_response(err, request_id)
+            return _rpc_error_response(err, rid)
         if first is grpc.aio.EOF:  # the stream ended without a message: report its status
             code = await call.code()
             return _json(502, error_body(502, f"the service ended the stream without data ({code.name})"), rid)
         return StreamingResponse(_stream(call, first), media_type="text/event-stream", headers={**SSE_HEADERS, **rid})
 
+    def _rpc_error_response(err: grpc.aio.AioRpcError, rid: dict[str, str]) -> JSONResponse:
+        status, body, headers = from_rpc_error(err)
+        return _json(status, body, {**headers, **rid})
+
     async def _stream(call: Any, first: chat_pb2.ChatCompletionChunk) -> AsyncIterator[bytes]:
+        metrics.streams.inc()
+        finished = False
+        pending: asyncio.Future[Any] | None = None
         try:
             yield _sse(chunk_json(first))
+            metrics.events.inc()
             while True:
-                msg = await call.read()
+                pending = asyncio.ensure_future(call.read())
+                while not pending.done():
+                    done, _ = await asyncio.wait({pending}, timeout=cfg.sse_ping_seconds)
+                    if not done:
+                        yield b": ping\n\n"  # an SSE comment: keeps proxies from closing a silent stream
+                msg = pending.result()
+                pending = None
                 if msg is grpc.aio.EOF:
                     break
                 yield _sse(chunk_json(msg))
+                metrics.events.inc()
+            finished = True
         except grpc.aio.AioRpcError as err:
             status, body, _ = from_rpc_error(err)
             yield _sse(body if "error" in body else error_body(status, str(body)))
+            finished = True
         finally:
+            metrics.streams.dec()
+            if pending is not None and not pending.done():
+                pending.cancel()
+            if not finished:
+                metrics.disconnects.inc()
             call.cancel()  # no-op when the stream already ended; frees the sequence when the client left
         yield _sse("[DONE]")
 
-    async def list_models(request: Request) -> Response:
+    async def list_models(request: Request, rid: dict[str, str]) -> Response:
         try:
-            result = await state["up"].models.ListModels(models_pb2.ListModelsRequest())
+            result = await state["up"].models.ListModels(models_pb2.ListModelsRequest(), timeout=10)
         except grpc.aio.AioRpcError as err:
-            return _rpc_error_response(err, request.headers.get("x-request-id", ""))
-        return _json(200, models_json(result))
+            return _rpc_error_response(err, rid)
+        return _json(200, models_json(result), rid)
 
     async def health(request: Request) -> Response:
         try:
-            reply = await state["up"].health.Check(
-                health_pb2.HealthCheckRequest(service=chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name),
-                timeout=2.0,
-            )
+            reply = await state["up"].health.Check(health_pb2.HealthCheckRequest(service=CHAT_SERVICE), timeout=2.0)
             serving = reply.status == health_pb2.HealthCheckResponse.SERVING
         except grpc.aio.AioRpcError as err:
             return _json(503, {"status": "unavailable", "detail": err.code().name})
         return _json(200 if serving else 503, {"status": "ok" if serving else "not_serving"})
 
-    routes = [Route(p, chat_completions, methods=["POST"]) for p in cfg.chat_paths]
-    routes += [Route("/v1/models", list_models, methods=["GET"]), Route("/health", health, methods=["GET"])]
-    return Starlette(routes=routes, lifespan=lifespan)
+    async def prometheus(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def openapi(request: Request) -> Response:
+        return _json(200, document(tuple(cfg.chat_paths), __version__))
+
+    routes = [Route(p, guarded("chat", chat_completions), methods=["POST"]) for p in cfg.chat_paths]
+    routes += [
+        Route("/v1/models", guarded("models", list_models), methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", prometheus, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.metrics = metrics
+    return app

@@ -58,6 +58,8 @@ def _field_map(desc: Descriptor) -> dict[str, FieldDescriptor]:
     """JSON name -> field. `*_json` fields are addressed without their suffix."""
     out: dict[str, FieldDescriptor] = {}
     for fd in desc.fields:
+        if fd.containing_oneof is not None and fd.containing_oneof.name == "content":
+            continue  # the JSON `content` union (a string or a list of parts) is parsed by _Parser.content
         name = fd.name
         if name.endswith(_JSON_TEXT_SUFFIX) and name not in _JSON_OR_TEXT:
             name = name[: -len(_JSON_TEXT_SUFFIX)]

@@ -28,6 +28,7 @@ def generate(dest: Path) -> None:
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
     include = Path(grpc_tools.__file__).parent / "_proto"
     bindir = Path(sys.executable).parent  # mypy-protobuf's plugins live beside the interpreter
+    (dest / "tokenwire" / "v1").mkdir(parents=True, exist_ok=True)
     cmd = [
         sys.executable,
         "-m",
@@ -40,6 +41,9 @@ def generate(dest: Path) -> None:
         f"--plugin=protoc-gen-mypy_grpc={bindir / 'protoc-gen-mypy_grpc'}",
         f"--mypy_out={dest}",
         f"--mypy_grpc_out={dest}",
+        # The descriptors with their comments: the gateway derives /openapi.json (fields, descriptions) from it.
+        "--include_source_info",
+        f"--descriptor_set_out={dest / 'tokenwire' / 'v1' / 'descriptors.binpb'}",
         *protos,
     ]
     subprocess.run(cmd, check=True, cwd=PROTO_ROOT)

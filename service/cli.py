@@ -42,6 +42,21 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--grpc-host", default="127.0.0.1")
     p.add_argument("--grpc-port", type=int, default=50051)
+    p.add_argument("--max-tokens-limit", type=int, default=4096, help="the largest max_tokens a request may ask")
+    p.add_argument("--max-messages", type=int, default=1024, help="the most messages a request may carry")
+    p.add_argument(
+        "--max-string-chars", type=int, default=1_000_000, help="the longest message content or name, in characters"
+    )
+    p.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024, help="the largest gRPC request message")
+    p.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=2.0,
+        help="on SIGTERM, report NOT_SERVING this long before refusing new RPCs (lets load balancers notice)",
+    )
+    p.add_argument(
+        "--shutdown-grace", type=float, default=30.0, help="on SIGTERM, seconds in-flight requests get to finish"
+    )
     p.add_argument(
         "--max-tokens-default",
         type=int,
@@ -51,8 +66,23 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _http_args(p: argparse.ArgumentParser) -> None:
+    from gateway.app import DEFAULT_CHAT_PATHS
+
     p.add_argument("--http-host", default="127.0.0.1")
     p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument(
+        "--api-keys-file",
+        default=None,
+        help="file with one API key per line (also: env TOKENWIRE_API_KEYS=k1,k2); none = open gateway",
+    )
+    p.add_argument(
+        "--chat-path",
+        action="append",
+        default=None,
+        help=f"a chat completions route (repeatable); default: {' '.join(DEFAULT_CHAT_PATHS)}",
+    )
+    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="larger request bodies get 413")
+    p.add_argument("--sse-ping-seconds", type=float, default=15.0, help="SSE keep-alive comment interval")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,9 +126,14 @@ async def _run_service(args: argparse.Namespace, with_gateway: bool) -> None:
     from .params import Limits
     from .server import Service
 
-    service = Service(
-        host=args.grpc_host, port=args.grpc_port, limits=Limits(default_max_tokens=args.max_tokens_default)
+    limits = Limits(
+        default_max_tokens=args.max_tokens_default,
+        max_tokens_cap=args.max_tokens_limit,
+        max_messages=args.max_messages,
+        max_string_chars=args.max_string_chars,
+        max_request_bytes=args.max_request_bytes,
     )
+    service = Service(host=args.grpc_host, port=args.grpc_port, limits=limits)
     await service.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -117,7 +152,7 @@ async def _run_service(args: argparse.Namespace, with_gateway: bool) -> None:
     gateway_task: asyncio.Task[None] | None = None
     http = None
     if with_gateway:
-        http = _http_server(f"{args.grpc_host}:{service.port}", args.http_host, args.http_port)
+        http = _http_server(f"{args.grpc_host}:{service.port}", args)
         gateway_task = asyncio.create_task(http.serve())
         log.info(
             "ready",
@@ -130,17 +165,20 @@ async def _run_service(args: argparse.Namespace, with_gateway: bool) -> None:
             },
         )
     await stop.wait()
-    log.info("shutting down")
+    log.info("shutting down", extra={"fields": {"drain_s": args.drain_seconds, "grace_s": args.shutdown_grace}})
+    await service.health.enter_graceful_shutdown()  # readiness NOT_SERVING first, so traffic moves away
+    await asyncio.sleep(args.drain_seconds)
     if http is not None and gateway_task is not None:
         http.should_exit = True
         await gateway_task
-    await service.stop()
+    await service.stop(grace=args.shutdown_grace)
 
 
-def _http_server(upstream: str, host: str, port: int) -> Any:
+def _http_server(upstream: str, args: argparse.Namespace) -> Any:
     import uvicorn
 
-    from gateway.app import GatewayConfig, create_app
+    from gateway.app import DEFAULT_CHAT_PATHS, GatewayConfig, create_app
+    from gateway.auth import ApiKeys
 
     class _Server(uvicorn.Server):
         """uvicorn without its own signal capture: the command's asyncio handlers own SIGINT/SIGTERM."""
@@ -149,12 +187,19 @@ def _http_server(upstream: str, host: str, port: int) -> Any:
         def capture_signals(self) -> Iterator[None]:
             yield
 
-    app = create_app(GatewayConfig(upstream=upstream))
-    return _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+    config = GatewayConfig(
+        upstream=upstream,
+        chat_paths=tuple(args.chat_path or DEFAULT_CHAT_PATHS),
+        max_body_bytes=args.max_body_bytes,
+        api_keys=ApiKeys.load(args.api_keys_file),
+        sse_ping_seconds=args.sse_ping_seconds,
+    )
+    app = create_app(config)
+    return _Server(uvicorn.Config(app, host=args.http_host, port=args.http_port, log_level="warning", lifespan="on"))
 
 
 async def _run_gateway(args: argparse.Namespace) -> None:
-    server = _http_server(args.upstream, args.http_host, args.http_port)
+    server = _http_server(args.upstream, args)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

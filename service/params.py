@@ -52,6 +52,32 @@ NEUTRAL: dict[str, Any] = {
     "modalities": lambda v: list(v) == ["text"],
 }
 
+# The same neutral values as JSON (the gateway's OpenAPI document only admits these for a not-yet-supported field).
+NEUTRAL_JSON: dict[str, Any] = {
+    "n": 1,
+    "best_of": 1,
+    "use_beam_search": False,
+    "include_stop_str_in_output": False,
+    "loglikelihood": False,
+    "response_format": {"type": "text"},
+    "modalities": ["text"],
+}
+
+# Simple bounds, checked here and published in the OpenAPI document: field -> (min, max, min is exclusive).
+# (temperature's upper bound and the max_tokens cap come from Limits; these are their defaults.)
+BOUNDS: dict[str, tuple[float, float, bool]] = {
+    "temperature": (0.0, 2.0, False),
+    "top_p": (0.0, 1.0, True),
+    "top_k": (-1, 2**31 - 1, False),
+    "min_p": (0.0, 1.0, False),
+    "frequency_penalty": (-2.0, 2.0, False),
+    "presence_penalty": (-2.0, 2.0, False),
+    "repetition_penalty": (0.0, math.inf, True),
+    "top_logprobs": (0, 20, False),
+    "max_tokens": (1, 4096, False),
+    "max_completion_tokens": (1, 4096, False),
+}
+
 # Where the behaviour of a not-yet-supported field comes from (for the error message).
 LATER: dict[str, str] = {
     **dict.fromkeys(
@@ -113,6 +139,11 @@ class Limits:
     max_tokens_cap: int = 4096  # upper bound on max_tokens / max_completion_tokens
     default_max_tokens: int = 256  # used when the request sets neither (capped by the remaining context)
     max_messages: int = 1024
+    max_string_chars: int = 1_000_000  # any one message content / name / tool-call string
+    max_request_bytes: int = 4 * 1024 * 1024  # the gRPC receive limit (the gateway's body limit matches)
+    max_n: int = 16  # n (with its issue)
+    max_best_of: int = 16  # best_of / beam width (with its issue)
+    max_stop: int = 4  # stop strings (with its issue)
 
 
 @dataclass(frozen=True)
@@ -248,6 +279,10 @@ def _messages(
                 FieldViolation(f"{path}.role", f"role must be one of {', '.join(ROLES)}; got {msg.role!r}", "enum")
             )
         content = _content(msg, path, out)
+        for where, text in ((f"{path}.content", content), (f"{path}.name", msg.name)):
+            if text is not None and len(text) > limits.max_string_chars:
+                msg_ = f"at most {limits.max_string_chars} characters, got {len(text)}"
+                out.append(FieldViolation(where, msg_, "string_too_long"))
         calls = tuple(
             {
                 "id": c.id,
@@ -261,8 +296,13 @@ def _messages(
                 FieldViolation(f"{path}.tool_calls", "only assistant messages carry `tool_calls`", "value_error")
             )
         if content is None and not (msg.role == "assistant" and calls):
+            article = "an" if msg.role in ("assistant", "user") else "a"
             out.append(
-                FieldViolation(f"{path}.content", f"a {msg.role or 'message'} message needs `content`", "missing")
+                FieldViolation(
+                    f"{path}.content",
+                    f"{article} {msg.role or 'chat'} message needs `content`",
+                    "missing",
+                )
             )
         if msg.role == "tool" and not msg.HasField("tool_call_id"):
             out.append(FieldViolation(f"{path}.tool_call_id", "a tool message needs `tool_call_id`", "missing"))
@@ -387,9 +427,9 @@ def validate(
     top_k = request.top_k if request.HasField("top_k") else 0
     if top_k < -1:
         out.append(FieldViolation("top_k", f"`top_k` must be -1 or 0 (off) or >= 1, got {top_k}", "greater_than_equal"))
-    min_p = _ranged(request, "min_p", 0.0, 0.0, 1.0, out)
-    frequency_penalty = _ranged(request, "frequency_penalty", 0.0, -2.0, 2.0, out)
-    presence_penalty = _ranged(request, "presence_penalty", 0.0, -2.0, 2.0, out)
+    min_p = _ranged(request, "min_p", 0.0, *BOUNDS["min_p"][:2], out)
+    frequency_penalty = _ranged(request, "frequency_penalty", 0.0, *BOUNDS["frequency_penalty"][:2], out)
+    presence_penalty = _ranged(request, "presence_penalty", 0.0, *BOUNDS["presence_penalty"][:2], out)
     repetition_penalty = 1.0
     if request.HasField("repetition_penalty") and _finite("repetition_penalty", request.repetition_penalty, out):
         repetition_penalty = request.repetition_penalty
@@ -398,7 +438,7 @@ def validate(
             out.append(FieldViolation("repetition_penalty", msg, "greater_than"))
     logit_bias = _logit_bias(request, vocab_size, out)
     top_logprobs = request.top_logprobs if request.HasField("top_logprobs") else 0
-    if top_logprobs > 20:
+    if top_logprobs > BOUNDS["top_logprobs"][1]:
         out.append(FieldViolation("top_logprobs", f"`top_logprobs` must be in [0, 20], got {top_logprobs}", "range"))
     if top_logprobs > 0 and not request.logprobs:
         out.append(FieldViolation("top_logprobs", "`top_logprobs` requires `logprobs: true`", "value_error"))

@@ -245,8 +245,8 @@ class Service:
         self.state = ServiceState(limits or Limits())
         self.server = grpc.aio.server(
             options=[
-                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-                ("grpc.max_send_message_length", 16 * 1024 * 1024),
+                ("grpc.max_receive_message_length", self.state.limits.max_request_bytes + 1024 * 1024),
+                ("grpc.max_send_message_length", 64 * 1024 * 1024),
             ]
         )
         chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(self.state), self.server)

@@ -103,3 +103,42 @@ def grpc_channel(servers: Servers) -> Iterator[Any]:
 
     with grpc.insecure_channel(servers.grpc_address) as channel:
         yield channel
+
+
+@dataclass
+class ExtraGateway:
+    url: str
+    app: Any
+
+
+@pytest.fixture(scope="session")
+def make_gateway(servers: Servers) -> Iterator[Any]:
+    """Start more gateways (other configs) on the servers' event loop, in front of the same service."""
+    import uvicorn
+
+    from gateway.app import GatewayConfig, create_app
+
+    started: list[Any] = []
+
+    def make(**config: Any) -> ExtraGateway:
+        port = free_port()
+        app = create_app(GatewayConfig(upstream=servers.grpc_address, **config))
+        http = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+
+        async def start() -> None:
+            task = asyncio.ensure_future(http.serve())
+            while not http.started:  # noqa: ASYNC110 (uvicorn exposes a flag, not an event)
+                await asyncio.sleep(0.01)
+            started.append((http, task))
+
+        asyncio.run_coroutine_threadsafe(start(), servers.loop).result(30)
+        return ExtraGateway(f"http://127.0.0.1:{port}", app)
+
+    yield make
+
+    async def stop() -> None:
+        for http, task in started:
+            http.should_exit = True
+            await task
+
+    asyncio.run_coroutine_threadsafe(stop(), servers.loop).result(30)

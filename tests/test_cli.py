@@ -32,7 +32,7 @@ def running_up(tiny_model_dir: Path) -> Iterator[tuple[subprocess.Popen[str], in
     http_port, grpc_port = free_port(), free_port()
     proc = subprocess.Popen(
         [*TOKENWIRE, "up", "--model", str(tiny_model_dir), "--served-model-name", "tiny-cli",
-         "--http-port", str(http_port), "--grpc-port", str(grpc_port)],
+         "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--drain-seconds", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     deadline = time.monotonic() + 120

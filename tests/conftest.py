@@ -7,6 +7,7 @@ with real clients (grpcio stubs, the openai SDK, httpx) and can still look at th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -58,8 +59,9 @@ class Servers:
         return int(engine.num_running())
 
 
-@pytest.fixture(scope="session")
-def servers(tiny_model_dir: Path) -> Iterator[Servers]:
+@contextlib.contextmanager
+def start_stack(model_dir: Path, name: str = "tiny-test", default_max_tokens: int = 32) -> Iterator[Servers]:
+    """The real service and gateway on free loopback ports, on a thread of their own, until the block ends."""
     import uvicorn
 
     from gateway.app import GatewayConfig, create_app
@@ -73,16 +75,16 @@ def servers(tiny_model_dir: Path) -> Iterator[Servers]:
     http_port = free_port()
 
     async def main() -> None:
-        service = Service(port=0, limits=Limits(default_max_tokens=32))
+        service = Service(port=0, limits=Limits(default_max_tokens=default_max_tokens))
         await service.start()
-        served = await asyncio.to_thread(model_mod.load, str(tiny_model_dir), served_model_name="tiny-test")
+        served = await asyncio.to_thread(model_mod.load, str(model_dir), served_model_name=name)
         await service.attach(served)
         app = create_app(GatewayConfig(upstream=service.address))
         http = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=http_port, log_level="warning"))
         task = asyncio.create_task(http.serve())
         while not http.started:  # noqa: ASYNC110 (uvicorn exposes a flag, not an event)
             await asyncio.sleep(0.01)
-        box.update(service=service, http=http, task=task, stop=asyncio.Event())
+        box.update(service=service, stop=asyncio.Event())
         ready.set()
         await box["stop"].wait()
         http.should_exit = True
@@ -92,9 +94,17 @@ def servers(tiny_model_dir: Path) -> Iterator[Servers]:
     thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
     thread.start()
     assert ready.wait(120), "servers did not start"
-    yield Servers(box["service"], box["service"].address, f"http://127.0.0.1:{http_port}", "tiny-test", loop)
-    loop.call_soon_threadsafe(box["stop"].set)
-    thread.join(30)
+    try:
+        yield Servers(box["service"], box["service"].address, f"http://127.0.0.1:{http_port}", name, loop)
+    finally:
+        loop.call_soon_threadsafe(box["stop"].set)
+        thread.join(30)
+
+
+@pytest.fixture(scope="session")
+def servers(tiny_model_dir: Path) -> Iterator[Servers]:
+    with start_stack(tiny_model_dir) as stack:
+        yield stack
 
 
 @pytest.fixture()

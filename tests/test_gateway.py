@@ -245,3 +245,42 @@ def test_metrics_count_requests(servers: Servers) -> None:
     assert 'tokenwire_gateway_requests_total{route="chat",status="200"}' in text
     assert 'tokenwire_gateway_requests_total{route="chat",status="422"}' in text
     assert "tokenwire_gateway_request_duration_seconds_bucket" in text
+
+
+# -- failures after the 200, and what gets logged ---------------------------------------------------------------
+
+
+def test_failure_after_the_200_is_an_error_event(tiny_model_dir: Any) -> None:
+    from .conftest import start_stack
+
+    with start_stack(tiny_model_dir, name="doomed") as stack:
+        body = {"messages": MESSAGES, "max_tokens": 400, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", f"{stack.http_url}/v1/chat/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: {")
+            stack.service.state.engine.stop()  # the engine dies mid-stream
+            rest = [line for line in lines if line.startswith("data: ")]
+        error = json.loads(rest[-2][6:])
+        assert rest[-1] == "data: [DONE]"
+        assert error["error"]["type"] == "service_unavailable" and "shutting down" in error["error"]["message"]
+        # openai-python raises on such an event
+        client = openai.OpenAI(base_url=f"{stack.http_url}/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.APIError):
+            list(client.chat.completions.create(model="doomed", messages=MESSAGES, stream=True))  # type: ignore[arg-type]
+
+
+def test_prompts_are_logged_only_with_log_prompt(servers: Servers, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    secret = [{"role": "user", "content": "the secret is 4417"}]
+    with caplog.at_level(logging.INFO, logger="tokenwire.service"):
+        httpx.post(f"{servers.http_url}/v1/chat/completions", json={"messages": secret, "max_tokens": 1, "user": "u-9"})
+        quiet = [r for r in caplog.records if r.getMessage() == "request"]
+        caplog.clear()
+        httpx.post(f"{servers.http_url}/v1/chat/completions",
+                   json={"messages": secret, "max_tokens": 1, "log_prompt": True})  # fmt: skip
+        loud = [r for r in caplog.records if r.getMessage() == "request"]
+    assert len(quiet) == 1 and "4417" not in json.dumps(quiet[0].fields)  # type: ignore[attr-defined]
+    assert quiet[0].fields["user"] == "u-9"  # type: ignore[attr-defined]
+    assert len(loud) == 1 and "the secret is 4417" in loud[0].fields["prompt"]  # type: ignore[attr-defined]

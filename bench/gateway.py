@@ -1,0 +1,182 @@
+"""bench/gateway: what the gateway adds, against direct gRPC in the same run.
+
+    .venv/bin/python bench/gateway.py [--requests 200] [--concurrency 64] [--out bench/results/gateway.json]
+
+Starts `tokenwire serve` (the embedded model) and `tokenwire gateway` as separate processes, then measures:
+1. latency: the same short completion (1 token, greedy) over HTTP through the gateway and directly over gRPC,
+   alternating, sequentially; p50/p99 and the p50 overhead;
+2. streaming at concurrency C: SSE events/s through the gateway vs messages/s of the same streams over gRPC;
+3. CPU time of each process during the HTTP streaming phase (from /proc): the gateway's share of the service's.
+Targets (issue 7): p50 overhead < 1 ms; gateway CPU < 10% of the service's at concurrency 64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+
+from tokenwire.v1 import chat_pb2, chat_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+MESSAGES = [{"role": "user", "content": "Say something."}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def start(args: list[str], ready: Any) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "--log-level", "warning", *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{args[0]} exited with {proc.returncode}")
+        if ready():
+            return proc
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"{args[0]} did not become ready")
+
+
+async def latency(http_url: str, grpc_addr: str, n: int) -> dict[str, float]:
+    body = {"messages": MESSAGES, "max_tokens": 1, "temperature": 0}
+    req = chat_pb2.ChatCompletionRequest(messages=[chat_pb2.ChatMessage(role="user", text=MESSAGES[0]["content"])],
+                                         max_tokens=1, temperature=0)  # fmt: skip
+    http_ms: list[float] = []
+    grpc_ms: list[float] = []
+    async with httpx.AsyncClient(timeout=60) as client, grpc.aio.insecure_channel(grpc_addr) as channel:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        for i in range(n + 10):  # 10 warm-up rounds
+            t0 = time.perf_counter()
+            r = await client.post(f"{http_url}/v1/chat/completions", json=body)
+            t1 = time.perf_counter()
+            await stub.CreateChatCompletion(req)
+            t2 = time.perf_counter()
+            assert r.status_code == 200
+            if i >= 10:
+                http_ms.append((t1 - t0) * 1e3)
+                grpc_ms.append((t2 - t1) * 1e3)
+    return {
+        "http_p50_ms": statistics.median(http_ms), "http_p99_ms": pct(http_ms, 0.99),
+        "grpc_p50_ms": statistics.median(grpc_ms), "grpc_p99_ms": pct(grpc_ms, 0.99),
+        "overhead_p50_ms": statistics.median(http_ms) - statistics.median(grpc_ms),
+        "overhead_p99_ms": pct(http_ms, 0.99) - pct(grpc_ms, 0.99),
+    }  # fmt: skip
+
+
+async def streams_http(url: str, concurrency: int, tokens: int) -> tuple[int, float]:
+    body = {"messages": MESSAGES, "max_tokens": tokens, "stream": True, "ignore_eos": True, "temperature": 1.0}
+    events = 0
+
+    async def one(client: httpx.AsyncClient) -> None:
+        nonlocal events
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+            async for line in r.aiter_lines():
+                events += line.startswith("data: ")
+
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency)) as client:
+        await asyncio.gather(*(one(client) for _ in range(concurrency)))
+    return events, time.perf_counter() - t0
+
+
+async def streams_grpc(addr: str, concurrency: int, tokens: int) -> tuple[int, float]:
+    req = chat_pb2.ChatCompletionRequest(messages=[chat_pb2.ChatMessage(role="user", text=MESSAGES[0]["content"])],
+                                         max_tokens=tokens, ignore_eos=True, temperature=1.0)  # fmt: skip
+    messages = 0
+
+    async def one(stub: Any) -> None:
+        nonlocal messages
+        async for _ in stub.StreamChatCompletion(req):
+            messages += 1
+
+    t0 = time.perf_counter()
+    async with grpc.aio.insecure_channel(addr) as channel:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        await asyncio.gather(*(one(stub) for _ in range(concurrency)))
+    return messages, time.perf_counter() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gateway.json")
+    args = ap.parse_args()
+    grpc_port, http_port = free_port(), free_port()
+    grpc_addr, http_url = f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}"
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{http_url}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    service = start(["serve", "--grpc-port", str(grpc_port), "--drain-seconds", "0"], lambda: True)
+    gateway = start(["gateway", "--upstream", grpc_addr, "--http-port", str(http_port)], healthy)
+    try:
+        lat = asyncio.run(latency(http_url, grpc_addr, args.requests))
+        g_events, g_wall = asyncio.run(streams_grpc(grpc_addr, args.concurrency, args.tokens))
+        s0, w0 = cpu_seconds(service.pid), cpu_seconds(gateway.pid)
+        h_events, h_wall = asyncio.run(streams_http(http_url, args.concurrency, args.tokens))
+        s1, w1 = cpu_seconds(service.pid), cpu_seconds(gateway.pid)
+    finally:
+        for proc in (gateway, service):
+            proc.send_signal(signal.SIGTERM)
+        for proc in (gateway, service):
+            proc.wait(60)
+    result = {
+        **lat,
+        "concurrency": args.concurrency, "tokens_per_stream": args.tokens,
+        "sse_events_per_s": h_events / h_wall, "grpc_messages_per_s": g_events / g_wall,
+        "gateway_cpu_s": w1 - w0, "service_cpu_s": s1 - s0, "gateway_cpu_share": (w1 - w0) / max(s1 - s0, 1e-9),
+    }  # fmt: skip
+    print(f"{'measure':<40} | {'value':>10}")
+    print("-" * 54)
+    for key, label, unit in [
+        ("http_p50_ms", "1-token completion via gateway, p50", "ms"),
+        ("grpc_p50_ms", "1-token completion direct gRPC, p50", "ms"),
+        ("overhead_p50_ms", "gateway overhead, p50", "ms"),
+        ("overhead_p99_ms", "gateway overhead, p99", "ms"),
+        ("sse_events_per_s", f"SSE events/s via gateway (c={args.concurrency})", "/s"),
+        ("grpc_messages_per_s", f"gRPC stream messages/s direct (c={args.concurrency})", "/s"),
+        ("gateway_cpu_share", "gateway CPU / service CPU (HTTP phase)", "x"),
+    ]:
+        print(f"{label:<40} | {result[key]:>9.3f}{unit}")
+    machine = {"cores": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": machine, "result": result}, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

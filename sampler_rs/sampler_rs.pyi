@@ -115,3 +115,67 @@ def process_logits(
 ) -> npt.NDArray[np.float32]:
     """The processed scores (bias ... min-p), `-inf` where filtered, one row per input row; the
     vocabulary is the full row width. For tests and benchmarks."""
+
+# ---- guided decoding ------------------------------------------------------------------------
+
+@final
+class Vocabulary:
+    """A served model's vocabulary as token bytes (SentencePiece `▁` → space and `<0xNN>` → the
+    byte; byte-level BPE decoded), its EOS tokens and its special tokens. Frozen; build once per
+    model. Special tokens never match text; EOS is allowed exactly where a guide accepts. Holds
+    the compile cache (bounded, by spec)."""
+
+    def __init__(self, token_bytes: list[bytes], eos_token_ids: list[int], special_token_ids: list[int]) -> None:
+        """ValueError if `eos_token_ids` is empty or an id is out of range."""
+    def __len__(self) -> int: ...
+    @property
+    def cached_guides(self) -> int:
+        """Compiled guides held by the cache."""
+
+@final
+class Guide:
+    """A compiled constraint: immutable, shareable across sequences. Compiles release the GIL,
+    are cached by (vocabulary, spec) and bounded; errors raise ValueError naming the problem
+    (`invalid regex: ...`, `unsupported JSON Schema keyword `x``, `constraint too large: ...`)."""
+
+    @property
+    def engine(self) -> str:
+        """`"tokenwire-dfa"` (regex, choice) or `"llguidance"` (JSON Schema, json_object, grammars)."""
+    @property
+    def dfa_states(self) -> int | None:
+        """Live DFA states of a `tokenwire-dfa` guide; `None` otherwise."""
+    @staticmethod
+    def regex(vocab: Vocabulary, pattern: str) -> Guide:
+        """The output must match `pattern` in full (Rust `regex` syntax; no look-around)."""
+    @staticmethod
+    def choice(vocab: Vocabulary, choices: list[str]) -> Guide:
+        """The output is exactly one of `choices`."""
+    @staticmethod
+    def json_schema(vocab: Vocabulary, schema_json: str, whitespace_pattern: str | None = None) -> Guide:
+        """JSON valid under the schema (draft 2020-12 subset; unsupported keywords raise).
+        `whitespace_pattern`: a regex for whitespace allowed between JSON tokens (once between
+        any two); `None` = compact JSON."""
+    @staticmethod
+    def json_object(vocab: Vocabulary, whitespace_pattern: str | None = None) -> Guide:
+        """Any JSON object."""
+    @staticmethod
+    def grammar(vocab: Vocabulary, grammar: str) -> Guide:
+        """A Lark-style EBNF grammar (llguidance's dialect), or GBNF (detected by `name ::=` rules,
+        `root` the start symbol)."""
+
+@final
+class GuideState:
+    """One sequence's position in a guide; mutable, one per sequence."""
+
+    def __init__(self, guide: Guide) -> None: ...
+    def fill_mask(self, out: npt.NDArray[np.uint32] | npt.NDArray[np.int32]) -> None:
+        """Writes the allowed-token bitmask (bit `t` of word `t // 32` = token `t` allowed) into the
+        contiguous 1-D `out` of at least `ceil(len(vocab) / 32)` words; bits past the vocabulary
+        are cleared. ValueError on a bad buffer."""
+    def advance(self, token_id: int) -> bool:
+        """Consumes `token_id`; False (state unchanged) if it is not allowed. EOS is allowed iff
+        accepting, and ends the sequence."""
+    def is_accepting(self) -> bool:
+        """The text so far is a complete match (EOS allowed)."""
+    def is_finished(self) -> bool:
+        """EOS was consumed, or the text is a complete match and nothing else may follow."""

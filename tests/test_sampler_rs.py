@@ -7,6 +7,7 @@ the references are transformers' own logits processors.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import numpy as np
 import pytest
@@ -62,7 +63,7 @@ def _reference(
         # Pad with a repeat of each row's first id, which changes nothing (distinct tokens).
         ids = torch.tensor([row + row[:1] * (width - len(row)) for row in input_ids])
         scores = RepetitionPenaltyLogitsProcessor(repetition_penalty)(ids, scores)
-    dummy = torch.zeros((logits.shape[0], 1), dtype=torch.long)
+    dummy = cast(torch.LongTensor, torch.zeros((logits.shape[0], 1), dtype=torch.long))
     if temperature != 1.0:
         scores = TemperatureLogitsWarper(temperature)(dummy, scores)
     if top_k > 0:
@@ -168,9 +169,7 @@ def test_full_chain_matches_transformers(
 ) -> None:
     vocab = logits.shape[1]
     prompts = [data.draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=8)) for _ in range(logits.shape[0])]
-    params = SamplingParams(
-        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=penalty
-    )
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=penalty)
     got = _process(logits, params, prompts)
     want = _reference(
         logits,
@@ -181,10 +180,32 @@ def test_full_chain_matches_transformers(
         repetition_penalty=penalty,
         input_ids=prompts,
     )
-    before = _reference(
-        logits, temperature=temperature, top_k=top_k, repetition_penalty=penalty, input_ids=prompts
-    )
+    before = _reference(logits, temperature=temperature, top_k=top_k, repetition_penalty=penalty, input_ids=prompts)
     _assert_same_scores(got, want, before, top_p, min_p)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"top_k": 50},
+        {"top_k": 1000, "temperature": 0.7},
+        {"top_p": 0.9},
+        {"top_p": 0.5, "temperature": 1.7},
+        {"min_p": 0.05},
+        {"top_k": 200, "top_p": 0.95, "min_p": 0.01, "temperature": 0.8},
+    ],
+)
+def test_wide_rows_match_transformers(kw: dict[str, float]) -> None:
+    # Rows much wider than a chunk exercise the chunk skipping, the banded top-p gather and the
+    # quickselect on the top-p prefix; a quantised copy adds ties.
+    rng = np.random.default_rng(7)
+    logits = (rng.standard_normal((3, 20000)) * 3).astype(np.float32)
+    logits[1] = np.round(logits[1] * 2) / 2
+    logits[2, ::7] = -np.inf
+    got = _process(logits, SamplingParams(**kw))  # type: ignore[arg-type]
+    want = _reference(logits, **kw)  # type: ignore[arg-type]
+    before = _reference(logits, temperature=kw.get("temperature", 1.0), top_k=int(kw.get("top_k", 0)))
+    _assert_same_scores(got, want, before, kw.get("top_p", 1.0), kw.get("min_p", 0.0))
 
 
 def test_frequency_presence_and_bias() -> None:
@@ -354,9 +375,19 @@ def test_params_validation_names_the_parameter(name: str, value: object) -> None
 
 def test_params_properties_round_trip() -> None:
     p = SamplingParams(
-        temperature=0.7, top_p=0.9, top_k=40, min_p=0.1, seed=2**64 - 1, top_logprobs=3,
-        repetition_penalty=1.2, frequency_penalty=0.1, presence_penalty=-0.2,
-        logit_bias={3: 1.5}, min_tokens=2, ignore_eos=True, eos_token_ids=[7, 8],
+        temperature=0.7,
+        top_p=0.9,
+        top_k=40,
+        min_p=0.1,
+        seed=2**64 - 1,
+        top_logprobs=3,
+        repetition_penalty=1.2,
+        frequency_penalty=0.1,
+        presence_penalty=-0.2,
+        logit_bias={3: 1.5},
+        min_tokens=2,
+        ignore_eos=True,
+        eos_token_ids=[7, 8],
     )
     assert (p.temperature, p.top_p, p.top_k, p.min_p, p.seed) == (0.7, 0.9, 40, 0.1, 2**64 - 1)
     assert (p.top_logprobs, p.repetition_penalty, p.frequency_penalty, p.presence_penalty) == (3, 1.2, 0.1, -0.2)

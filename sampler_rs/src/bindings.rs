@@ -368,6 +368,7 @@ fn sampler_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyStepOutput>()?;
     m.add_class::<PySampler>()?;
     m.add_function(wrap_pyfunction!(process_logits, m)?)?;
+    crate::guide_bindings::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -11,9 +11,12 @@
 #![deny(missing_docs)]
 
 mod error;
+pub mod guide;
 pub mod sampling;
 
 #[cfg(feature = "python")]
 mod bindings;
+#[cfg(feature = "python")]
+mod guide_bindings;
 
 pub use error::SamplerError;

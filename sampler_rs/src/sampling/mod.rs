@@ -30,7 +30,12 @@
 //! A stage whose parameter is off is skipped. Stages 2–6 touch a few tokens through a
 //! copy-on-write [`row::RowView`]; the caller's buffer is never written. With top-k on, stages
 //! 9–12 read only the chunks that can hold the k best tokens, so a step reads each row once.
+//! Without top-k, top-p gathers bands of tokens below the maximum until they hold enough mass
+//! (one band for a peaked row; a flat row ends up gathering most of it, the slow case).
+//! NaN logits are never sampled (they count as `-inf`); a row with nothing left to sample is
+//! an error ([`crate::SamplerError::NoCandidates`]).
 
+mod kernels;
 mod params;
 mod rng;
 pub mod row;
@@ -45,7 +50,7 @@ pub use params::{SamplingConfig, SamplingParams, MAX_TOP_LOGPROBS, MIN_TEMPERATU
 pub use rng::Rng;
 
 use crate::error::{Result, SamplerError};
-use row::{LogSumExp, RowView, TopN};
+use row::{LogSumExp, RowBuffers, RowView, TopN};
 use stages::Candidate;
 
 /// A token id.
@@ -114,6 +119,19 @@ impl SequenceState {
     /// Stages 2–6: bias, EOS mask, penalties.
     fn apply_edits(&self, view: &mut RowView<'_>) {
         let p = &*self.params;
+        let mut edits = p.logit_bias().len();
+        if p.masks_eos(self.generated) {
+            edits += p.config().eos_token_ids.len();
+        }
+        if p.repetition_penalty().is_some() {
+            edits += self.seen.len();
+        }
+        if p.frequency_presence().is_some() {
+            edits += self.counts.len();
+        }
+        if edits > view.n_chunks() {
+            view.patch_all();
+        }
         if !p.logit_bias().is_empty() {
             stages::apply_logit_bias(view, p.logit_bias());
         }
@@ -135,11 +153,18 @@ impl SequenceState {
     }
 }
 
-/// Reusable per-thread buffers, so the inner loops do not allocate.
+thread_local! {
+    /// Each thread's buffers, kept across steps.
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+}
+
+/// Reusable per-thread buffers, so that a step does not allocate in its inner loops.
 #[derive(Debug, Default)]
 struct Scratch {
+    row: RowBuffers,
     cands: Vec<Candidate>,
     floats: Vec<f32>,
+    weights: Vec<f32>,
 }
 
 /// The tokens left after stages 8–11: all of them, or an explicit list.
@@ -148,27 +173,31 @@ enum Kept {
     Some,
 }
 
-/// Stages 8–11 on an edited row; with [`Kept::Some`] the survivors are in `scratch.cands`.
-fn filter(view: &RowView<'_>, p: &SamplingParams, scratch: &mut Scratch) -> Kept {
+/// Stages 8–11 on an edited row; with [`Kept::Some`] the survivors are in `cands`.
+fn filter(
+    view: &RowView<'_>,
+    p: &SamplingParams,
+    cands: &mut Vec<Candidate>,
+    floats: &mut Vec<f32>,
+    weights: &mut Vec<f32>,
+) -> Kept {
     let t = p.temperature();
     let mut kept = Kept::All;
     if let Some(k) = p.top_k().filter(|&k| k < view.len()) {
-        stages::top_k(view, t, k, &mut scratch.cands, &mut scratch.floats);
+        stages::top_k(view, t, k, cands, floats);
         kept = Kept::Some;
     }
     if let Some(top_p) = p.top_p() {
         match kept {
-            Kept::Some => stages::top_p(&mut scratch.cands, top_p, None),
-            Kept::All => {
-                stages::top_p_dense(view, t, top_p, &mut scratch.cands, &mut scratch.floats)
-            }
+            Kept::Some => stages::top_p(cands, top_p, None, weights),
+            Kept::All => stages::top_p_dense(view, t, top_p, cands, floats, weights),
         }
         kept = Kept::Some;
     }
     if let Some(min_p) = p.min_p() {
         match kept {
-            Kept::Some => stages::min_p(&mut scratch.cands, min_p),
-            Kept::All => stages::min_p_dense(view, t, min_p, &mut scratch.cands),
+            Kept::Some => stages::min_p(cands, min_p, weights),
+            Kept::All => stages::min_p_dense(view, t, min_p, cands, weights),
         }
         kept = Kept::Some;
     }
@@ -185,15 +214,21 @@ fn sample_row(
 ) -> Result<StepOutput> {
     let p = &*seq.params;
     let mut top = TopN::new(p.top_logprobs());
-    let (mut view, lse): (RowView<'_>, LogSumExp) = RowView::new(raw, &mut top);
+    let Scratch {
+        row,
+        cands,
+        floats,
+        weights,
+    } = scratch;
+    let (mut view, lse): (RowView<'_>, LogSumExp) = RowView::new(raw, row, &mut top);
     seq.apply_edits(&mut view);
     let token = if p.is_greedy() {
         stages::argmax(&view)
     } else {
         let t = p.temperature();
-        match filter(&view, p, scratch) {
-            Kept::All => stages::sample_dense(&view, t, u, &mut scratch.floats),
-            Kept::Some => stages::sample_candidates(&scratch.cands, u),
+        match filter(&view, p, cands, floats, weights) {
+            Kept::All => stages::sample_dense(&view, t, u, floats),
+            Kept::Some => stages::sample_candidates(cands, u, weights),
         }
         .ok_or(SamplerError::NoCandidates(seq_id))?
     };
@@ -222,19 +257,24 @@ pub fn process_row(
         seq.record(t);
     }
     let mut top = TopN::new(0);
-    let (mut view, _) = RowView::new(raw, &mut top);
+    let Scratch {
+        row,
+        cands,
+        floats,
+        weights,
+    } = &mut Scratch::default();
+    let (mut view, _) = RowView::new(raw, row, &mut top);
     seq.apply_edits(&mut view);
     let p = &*seq.params;
     if p.is_greedy() {
         return (0..raw.len()).map(|i| view.get(i as TokenId)).collect();
     }
     let t = p.temperature();
-    let mut scratch = Scratch::default();
-    match filter(&view, p, &mut scratch) {
+    match filter(&view, p, cands, floats, weights) {
         Kept::All => (0..raw.len()).map(|i| view.get(i as TokenId) / t).collect(),
         Kept::Some => {
             let mut out = vec![f32::NEG_INFINITY; raw.len()];
-            for &(tok, s) in &scratch.cands {
+            for &(tok, s) in cands.iter() {
                 out[tok as usize] = s;
             }
             out
@@ -363,17 +403,15 @@ impl Sampler {
             let row = &logits[i * width..i * width + vocab];
             sample_row(row, id, &sequences[&id], draws[i].0, scratch)
         };
+        let run = |i: usize| SCRATCH.with_borrow_mut(|scratch| run(scratch, i));
         let outputs: Vec<StepOutput> =
             if seq_ids.len() > 1 && seq_ids.len() * vocab >= PARALLEL_MIN_ELEMENTS {
                 (0..seq_ids.len())
                     .into_par_iter()
-                    .map_init(Scratch::default, run)
+                    .map(run)
                     .collect::<Result<_>>()?
             } else {
-                let mut scratch = Scratch::default();
-                (0..seq_ids.len())
-                    .map(|i| run(&mut scratch, i))
-                    .collect::<Result<_>>()?
+                (0..seq_ids.len()).map(run).collect::<Result<_>>()?
             };
         for ((id, out), (_, rng)) in seq_ids.iter().zip(&outputs).zip(draws) {
             let seq = self.sequences.get_mut(id).expect("checked above");

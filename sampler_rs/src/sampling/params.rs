@@ -216,7 +216,7 @@ impl SamplingParams {
         ))
     }
 
-    /// `logit_bias`, sorted by token id (the last value wins for a repeated id).
+    /// `logit_bias`, sorted by token id (the first value wins for a repeated id).
     pub fn logit_bias(&self) -> &[(TokenId, f32)] {
         &self.bias
     }

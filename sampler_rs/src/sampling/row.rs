@@ -5,189 +5,53 @@
 //! maximum is kept, so later stages skip whole chunks that cannot matter (top-k, top-n
 //! logprobs, greedy) and read the row once in the common case.
 
+use super::kernels::{add_exp, add_exp_max, max_of, ExpSum, Isa};
 use super::TokenId;
+
+/// How far above the reference point of a running sum of exponentials a chunk's maximum may go
+/// before the reference moves (`e^60` times a row's length stays far below `f32::MAX`).
+const REF_HEADROOM: f32 = 60.0;
+
+/// One pass over the raw row: chunk maxima and the log-sum-exp.
+///
+/// Each chunk is read once for its max and its exponentials, summed against a reference point
+/// `r` that moves, with a rescale of what was summed so far, only when a chunk's max exceeds it
+/// by more than [`REF_HEADROOM`] (that chunk is then summed again). The lane accumulators are
+/// never reduced per chunk.
+fn raw_pass(isa: Isa, raw: &[f32], chunk_max: &mut Vec<f32>) -> LogSumExp {
+    let mut r = f32::NEG_INFINITY;
+    let mut max = f32::NEG_INFINITY;
+    let mut total = 0f64;
+    let mut acc = ExpSum::default();
+    for xs in raw.chunks(CHUNK) {
+        // Optimistically sum against the current reference while finding the chunk's max.
+        let before = acc;
+        let cm = add_exp_max(isa, &mut acc, xs, r);
+        chunk_max.push(cm);
+        if cm == f32::NEG_INFINITY {
+            acc = before;
+            continue;
+        }
+        max = if cm > max { cm } else { max };
+        // `cm - r`, not `cm > r + 60`: for huge logits `r + 60 == r`.
+        if r == f32::NEG_INFINITY || cm - r > REF_HEADROOM {
+            if r > f32::NEG_INFINITY {
+                total = (total + f64::from(before.total())) * (f64::from(r) - f64::from(cm)).exp();
+            }
+            acc = ExpSum::default();
+            r = cm;
+            add_exp::<false>(isa, &mut acc, xs, 1.0, r);
+        }
+    }
+    total += f64::from(acc.total());
+    LogSumExp {
+        max,
+        ln_sum: total.ln() + (f64::from(r) - f64::from(max)),
+    }
+}
 
 /// Tokens per chunk: small enough that a chunk stays in L1 between its max and its exp pass.
 pub const CHUNK: usize = 64;
-const LANES: usize = 8;
-
-const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer in the low bits
-#[allow(clippy::excessive_precision)] // exactly 355/512
-const EXP_C1: f32 = 0.693_359_375;
-const EXP_C2: f32 = -2.121_944_4e-4;
-#[allow(clippy::excessive_precision)]
-const EXP_POLY: [f32; 6] = [
-    1.987_569_150_0e-4,
-    1.398_199_950_7e-3,
-    8.333_451_907_3e-3,
-    4.166_579_589_4e-2,
-    1.666_666_545_9e-1,
-    5.000_000_120_1e-1,
-];
-
-/// `exp(d)` for `d <= 0`, within 2 ulp of `f32::exp` (Cephes' `expf` polynomial). `-inf` and
-/// anything below -87 give 0; NaN gives a number below 2e-38. The AVX2 kernel computes the very
-/// same operations eight lanes at a time, so both paths agree to the bit.
-#[inline(always)]
-pub fn exp_nonpos(d: f32) -> f32 {
-    let x = if d > -87.0 { d } else { -87.0 };
-    let t = x * std::f32::consts::LOG2_E + MAGIC;
-    let n = t - MAGIC;
-    let r = x - n * EXP_C1 - n * EXP_C2;
-    let mut p = EXP_POLY[0];
-    for c in &EXP_POLY[1..] {
-        p = p * r + c;
-    }
-    let e = p * r * r + r + 1.0;
-    let k = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
-    let scale = f32::from_bits(((k + 127) as u32) << 23);
-    if d < -87.0 {
-        0.0
-    } else {
-        e * scale
-    }
-}
-
-/// The maximum of `xs` ignoring NaN; `-inf` when empty.
-#[inline]
-pub fn max_of(xs: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, checked just above.
-        return unsafe { avx2::max_of(xs) };
-    }
-    let mut acc = [f32::NEG_INFINITY; LANES];
-    let mut it = xs.chunks_exact(LANES);
-    for c in &mut it {
-        for j in 0..LANES {
-            acc[j] = if c[j] > acc[j] { c[j] } else { acc[j] };
-        }
-    }
-    fold_max(acc, it.remainder())
-}
-
-#[inline(always)]
-fn fold_max(acc: [f32; LANES], rest: &[f32]) -> f32 {
-    let mut m = f32::NEG_INFINITY;
-    for &x in acc.iter().chain(rest) {
-        m = if x > m { x } else { m };
-    }
-    m
-}
-
-/// `sum(exp(x / t - m))` over `xs`, dividing by `t` only when `SCALE`. `m` must be >= every
-/// `x / t`. Lane `j` sums elements `j, j + 8, ...`; the lanes are then added in order, so the
-/// AVX2 and the portable paths give the same bits.
-#[inline]
-fn sum_exp<const SCALE: bool>(xs: &[f32], t: f32, m: f32) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, checked just above.
-        return unsafe { avx2::sum_exp::<SCALE>(xs, t, m) };
-    }
-    let s = |x: f32| if SCALE { x / t } else { x };
-    let mut acc = [0f32; LANES];
-    let mut it = xs.chunks_exact(LANES);
-    for c in &mut it {
-        for j in 0..LANES {
-            acc[j] += exp_nonpos(s(c[j]) - m);
-        }
-    }
-    fold_sum(acc, it.remainder().iter().map(|&x| exp_nonpos(s(x) - m)))
-}
-
-#[inline(always)]
-fn fold_sum(acc: [f32; LANES], rest: impl Iterator<Item = f32>) -> f32 {
-    let mut total = 0f32;
-    for x in acc.into_iter().chain(rest) {
-        total += x;
-    }
-    total
-}
-
-/// AVX2 versions of the kernels, operation for operation the same as the portable ones.
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use std::arch::x86_64::*;
-
-    use super::{fold_max, fold_sum, EXP_C1, EXP_C2, EXP_POLY, LANES, MAGIC};
-
-    /// `exp_nonpos` on eight lanes.
-    #[target_feature(enable = "avx2")]
-    fn exp8(d: __m256) -> __m256 {
-        let lo = _mm256_set1_ps(-87.0);
-        let x = _mm256_max_ps(d, lo); // d > lo ? d : lo, NaN -> lo
-        let magic = _mm256_set1_ps(MAGIC);
-        let t = _mm256_add_ps(
-            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-            magic,
-        );
-        let n = _mm256_sub_ps(t, magic);
-        let r = _mm256_sub_ps(
-            _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(EXP_C1))),
-            _mm256_mul_ps(n, _mm256_set1_ps(EXP_C2)),
-        );
-        let mut p = _mm256_set1_ps(EXP_POLY[0]);
-        for &c in &EXP_POLY[1..] {
-            p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(c));
-        }
-        let e = _mm256_add_ps(
-            _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, r), r), r),
-            _mm256_set1_ps(1.0),
-        );
-        let k = _mm256_sub_epi32(
-            _mm256_castps_si256(t),
-            _mm256_set1_epi32(MAGIC.to_bits() as i32),
-        );
-        let scale = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
-            k,
-            _mm256_set1_epi32(127),
-        )));
-        let under = _mm256_cmp_ps::<_CMP_LT_OQ>(d, lo);
-        _mm256_andnot_ps(under, _mm256_mul_ps(e, scale))
-    }
-
-    /// `max_of`.
-    #[target_feature(enable = "avx2")]
-    pub(super) fn max_of(xs: &[f32]) -> f32 {
-        let mut acc = _mm256_set1_ps(f32::NEG_INFINITY);
-        let mut it = xs.chunks_exact(LANES);
-        for c in &mut it {
-            // SAFETY: `c` holds exactly eight f32; unaligned loads are allowed.
-            let v = unsafe { _mm256_loadu_ps(c.as_ptr()) };
-            acc = _mm256_max_ps(v, acc); // v > acc ? v : acc, as the portable loop
-        }
-        let mut lanes = [0f32; LANES];
-        // SAFETY: `lanes` has room for eight f32.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
-        fold_max(lanes, it.remainder())
-    }
-
-    /// `sum_exp`.
-    #[target_feature(enable = "avx2")]
-    pub(super) fn sum_exp<const SCALE: bool>(xs: &[f32], t: f32, m: f32) -> f32 {
-        let (tv, mv) = (_mm256_set1_ps(t), _mm256_set1_ps(m));
-        let mut acc = _mm256_setzero_ps();
-        let mut it = xs.chunks_exact(LANES);
-        for c in &mut it {
-            // SAFETY: `c` holds exactly eight f32; unaligned loads are allowed.
-            let mut v = unsafe { _mm256_loadu_ps(c.as_ptr()) };
-            if SCALE {
-                v = _mm256_div_ps(v, tv);
-            }
-            acc = _mm256_add_ps(acc, exp8(_mm256_sub_ps(v, mv)));
-        }
-        let mut lanes = [0f32; LANES];
-        // SAFETY: `lanes` has room for eight f32.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
-        let s = |x: f32| if SCALE { x / t } else { x };
-        fold_sum(
-            lanes,
-            it.remainder().iter().map(|&x| super::exp_nonpos(s(x) - m)),
-        )
-    }
-}
-
 /// `max + ln(sum)` of the row, kept apart for precision: `log_softmax(x) = (x - max) - ln_sum`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LogSumExp {
@@ -220,9 +84,23 @@ impl TopN {
         }
     }
 
-    /// Offers the chunk starting at token `base` whose maximum is `cmax`; rows must be offered
+    /// Selects from `raw`, reading only the chunks whose maximum reaches the n-th largest chunk
+    /// maximum (the n best entries all lie there).
+    fn select(&mut self, raw: &[f32], chunk_max: &[f32], tmp: &mut Vec<f32>) {
+        if self.n == 0 {
+            return;
+        }
+        let thr = kth_largest(chunk_max, self.n, tmp);
+        for (c, &cm) in chunk_max.iter().enumerate() {
+            if cm >= thr {
+                let xs = &raw[c * CHUNK..raw.len().min((c + 1) * CHUNK)];
+                self.offer(c * CHUNK, xs, cm);
+            }
+        }
+    }
+
+    /// Offers the chunk starting at token `base` whose maximum is `cmax`; chunks must be offered
     /// in increasing token order for the tie-break to hold.
-    #[inline(always)]
     fn offer(&mut self, base: usize, xs: &[f32], cmax: f32) {
         if self.n == 0 || (self.items.len() == self.n && cmax <= self.items[self.n - 1].1) {
             return;
@@ -243,67 +121,97 @@ impl TopN {
     }
 }
 
-fn raw_pass(raw: &[f32], chunk_max: &mut Vec<f32>, top: &mut TopN) -> LogSumExp {
-    let mut m = f32::NEG_INFINITY;
-    let mut sum = 0f64;
-    for (c, xs) in raw.chunks(CHUNK).enumerate() {
-        let cm = max_of(xs);
-        chunk_max.push(cm);
-        top.offer(c * CHUNK, xs, cm);
-        if cm == f32::NEG_INFINITY {
+/// The k-th largest of `xs` (NaN ignored; `-inf` when there are fewer than `k`): a bounded
+/// insertion sort in `buf` for small `k` (mostly one comparison per value), quickselect otherwise.
+pub fn kth_largest(xs: &[f32], k: usize, buf: &mut Vec<f32>) -> f32 {
+    buf.clear();
+    if k == 0 {
+        return f32::INFINITY;
+    }
+    if k > 16 {
+        return kth_largest_select(xs, k);
+    }
+    for &x in xs {
+        if x.is_nan() || (buf.len() == k && x <= buf[k - 1]) {
             continue;
         }
-        if cm > m {
-            if m > f32::NEG_INFINITY {
-                sum *= (f64::from(m) - f64::from(cm)).exp();
-            }
-            m = cm;
-        }
-        sum += f64::from(sum_exp::<false>(xs, 1.0, m));
+        let pos = buf.partition_point(|&y| y >= x);
+        buf.insert(pos, x);
+        buf.truncate(k);
     }
-    LogSumExp {
-        max: m,
-        ln_sum: sum.ln(),
+    if buf.len() < k {
+        f32::NEG_INFINITY
+    } else {
+        buf[k - 1]
     }
 }
 
-fn chunk_sums(view: &RowView<'_>, t: f32, m: f32, out: &mut Vec<f32>) {
-    out.clear();
-    for c in 0..view.n_chunks() {
-        let s = if view.chunk_max[c] / t == f32::NEG_INFINITY {
-            0.0
+/// Quickselect on integer keys that sort like the floats (`f32::total_cmp`), which compare
+/// faster than the floats themselves.
+fn kth_largest_select(xs: &[f32], k: usize) -> f32 {
+    fn key(x: f32) -> u32 {
+        let b = x.to_bits();
+        if b >> 31 == 1 {
+            !b
         } else {
-            sum_exp::<true>(view.chunk(c), t, m)
-        };
-        out.push(s);
+            b | 1 << 31
+        }
     }
+    fn unkey(k: u32) -> f32 {
+        f32::from_bits(if k >> 31 == 1 { k & !(1 << 31) } else { !k })
+    }
+    thread_local! {
+        static KEYS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    KEYS.with_borrow_mut(|keys| {
+        keys.clear();
+        keys.extend(xs.iter().filter(|x| !x.is_nan()).map(|&x| key(x)));
+        if keys.len() < k {
+            return f32::NEG_INFINITY;
+        }
+        let n = keys.len();
+        unkey(*keys.select_nth_unstable(n - k).1)
+    })
 }
 
-/// One logits row: the caller's values plus copy-on-write patches, chunk by chunk.
-#[derive(Debug)]
-pub struct RowView<'a> {
-    raw: &'a [f32],
+/// The reusable storage behind a [`RowView`], kept per thread so that steps do not allocate.
+#[derive(Debug, Default)]
+pub struct RowBuffers {
     /// For each chunk, its slot in `patches`, or `u32::MAX` when unpatched.
     slot: Vec<u32>,
     patches: Vec<f32>,
     patched: Vec<u32>,
     chunk_max: Vec<f32>,
+    tmp: Vec<f32>,
+}
+
+/// One logits row: the caller's values plus copy-on-write patches, chunk by chunk.
+#[derive(Debug)]
+pub struct RowView<'a> {
+    isa: Isa,
+    raw: &'a [f32],
+    buf: &'a mut RowBuffers,
 }
 
 impl<'a> RowView<'a> {
     /// Scans `raw` once: chunk maxima, the raw log-sum-exp, and the top `top.n` entries.
-    pub fn new(raw: &'a [f32], top: &mut TopN) -> (Self, LogSumExp) {
+    pub fn new(raw: &'a [f32], buf: &'a mut RowBuffers, top: &mut TopN) -> (Self, LogSumExp) {
         let n_chunks = raw.len().div_ceil(CHUNK);
-        let mut chunk_max = Vec::with_capacity(n_chunks);
-        let lse = raw_pass(raw, &mut chunk_max, top);
-        let view = Self {
-            raw,
-            slot: vec![u32::MAX; n_chunks],
-            patches: Vec::new(),
-            patched: Vec::new(),
-            chunk_max,
-        };
-        (view, lse)
+        if buf.slot.len() == n_chunks {
+            for &c in &buf.patched {
+                buf.slot[c as usize] = u32::MAX;
+            }
+        } else {
+            buf.slot.clear();
+            buf.slot.resize(n_chunks, u32::MAX);
+        }
+        buf.patched.clear();
+        buf.patches.clear();
+        buf.chunk_max.clear();
+        let isa = Isa::detect();
+        let lse = raw_pass(isa, raw, &mut buf.chunk_max);
+        top.select(raw, &buf.chunk_max, &mut buf.tmp);
+        (Self { isa, raw, buf }, lse)
     }
 
     /// The row's length (the vocabulary size).
@@ -323,23 +231,29 @@ impl<'a> RowView<'a> {
 
     /// Number of chunks.
     pub fn n_chunks(&self) -> usize {
-        self.chunk_max.len()
+        self.buf.chunk_max.len()
     }
 
     /// The current values of chunk `c`.
     #[inline]
     pub fn chunk(&self, c: usize) -> &[f32] {
         let len = CHUNK.min(self.raw.len() - c * CHUNK);
-        match self.slot[c] {
+        match self.buf.slot[c] {
             u32::MAX => &self.raw[c * CHUNK..c * CHUNK + len],
-            s => &self.patches[s as usize * CHUNK..s as usize * CHUNK + len],
+            s => &self.buf.patches[s as usize * CHUNK..s as usize * CHUNK + len],
         }
+    }
+
+    /// Every chunk's maximum (ignoring NaN), up to date after [`RowView::finish_edits`].
+    #[inline]
+    pub fn chunk_maxima(&self) -> &[f32] {
+        &self.buf.chunk_max
     }
 
     /// The maximum of chunk `c` (ignoring NaN), up to date after [`RowView::finish_edits`].
     #[inline]
     pub fn chunk_max(&self, c: usize) -> f32 {
-        self.chunk_max[c]
+        self.buf.chunk_max[c]
     }
 
     /// The current value of token `i`.
@@ -353,33 +267,60 @@ impl<'a> RowView<'a> {
     pub fn set(&mut self, i: TokenId, v: f32) {
         let i = i as usize;
         let c = i / CHUNK;
-        if self.slot[c] == u32::MAX {
-            self.slot[c] = self.patched.len() as u32;
-            self.patched.push(c as u32);
+        if self.buf.slot[c] == u32::MAX {
+            self.buf.slot[c] = self.buf.patched.len() as u32;
+            self.buf.patched.push(c as u32);
             let len = CHUNK.min(self.raw.len() - c * CHUNK);
-            self.patches
+            self.buf
+                .patches
                 .extend_from_slice(&self.raw[c * CHUNK..c * CHUNK + len]);
-            self.patches.resize(self.patched.len() * CHUNK, 0.0);
+            self.buf.patches.resize(self.buf.patched.len() * CHUNK, 0.0);
         }
-        self.patches[self.slot[c] as usize * CHUNK + i % CHUNK] = v;
+        self.buf.patches[self.buf.slot[c] as usize * CHUNK + i % CHUNK] = v;
+    }
+
+    /// Copies the whole row into the patch area at once: cheaper than chunk-by-chunk copies when
+    /// the edits will touch most chunks (a long prompt under a repetition penalty).
+    pub fn patch_all(&mut self) {
+        let n = self.n_chunks();
+        let buf = &mut *self.buf;
+        for &c in &buf.patched {
+            buf.slot[c as usize] = u32::MAX;
+        }
+        buf.patches.clear();
+        buf.patches.reserve(n * CHUNK);
+        buf.patches.extend_from_slice(self.raw);
+        buf.patches.resize(n * CHUNK, 0.0);
+        buf.patched.clear();
+        buf.patched.extend(0..n as u32);
+        for (c, slot) in buf.slot.iter_mut().enumerate() {
+            *slot = c as u32;
+        }
     }
 
     /// Recomputes the maxima of the patched chunks; call once after the edit stages.
     pub fn finish_edits(&mut self) {
-        for k in 0..self.patched.len() {
-            let c = self.patched[k] as usize;
-            self.chunk_max[c] = max_of(self.chunk(c));
+        for k in 0..self.buf.patched.len() {
+            let c = self.buf.patched[k] as usize;
+            self.buf.chunk_max[c] = max_of(self.isa, self.chunk(c));
         }
     }
 
     /// The maximum of the current values (ignoring NaN).
     pub fn max(&self) -> f32 {
-        max_of(&self.chunk_max)
+        max_of(self.isa, &self.buf.chunk_max)
     }
 
     /// `sum(exp(x / t - m))` per chunk into `out`; `m` must be >= every `x / t`.
     pub fn chunk_exp_sums(&self, t: f32, m: f32, out: &mut Vec<f32>) {
-        chunk_sums(self, t, m, out);
+        out.clear();
+        for c in 0..self.n_chunks() {
+            let mut acc = ExpSum::default();
+            if self.buf.chunk_max[c] / t > f32::NEG_INFINITY {
+                add_exp::<true>(self.isa, &mut acc, self.chunk(c), t, m);
+            }
+            out.push(acc.total());
+        }
     }
 }
 
@@ -388,28 +329,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn exp_matches_std() {
-        let mut worst = 0f32;
-        let mut d = 0f32;
-        while d > -87.0 {
-            let (a, b) = (exp_nonpos(d), d.exp());
-            worst = worst.max(((a - b) / b).abs());
-            d -= 0.0137;
-        }
-        assert!(worst < 3e-7, "worst relative error {worst}");
-        assert_eq!(exp_nonpos(f32::NEG_INFINITY), 0.0);
-        assert_eq!(exp_nonpos(-100.0), 0.0);
-        assert_eq!(exp_nonpos(0.0), 1.0);
-        assert!(exp_nonpos(f32::NAN) < 2e-38);
-    }
-
-    #[test]
     fn raw_pass_matches_naive() {
         let raw: Vec<f32> = (0..1000)
             .map(|i| ((i * 37 % 101) as f32) * 0.1 - 3.0)
             .collect();
         let mut top = TopN::new(3);
-        let (view, lse) = RowView::new(&raw, &mut top);
+        let mut buf = RowBuffers::default();
+        let (view, lse) = RowView::new(&raw, &mut buf, &mut top);
         let max = raw.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
         let sum: f64 = raw.iter().map(|&x| f64::from(x - max).exp()).sum();
         assert_eq!(lse.max, max);
@@ -420,10 +346,45 @@ mod tests {
     }
 
     #[test]
+    fn raw_pass_handles_huge_and_rising_logits() {
+        // A rising row moves the reference point; huge logits must not overflow the sums.
+        for scale in [1.0f32, 1e3, 1e30] {
+            let raw: Vec<f32> = (0..1000).map(|i| i as f32 * 0.2 * scale).collect();
+            let mut buf = RowBuffers::default();
+            let (_, lse) = RowView::new(&raw, &mut buf, &mut TopN::new(0));
+            let max = raw[999];
+            let sum: f64 = raw.iter().map(|&x| f64::from(x - max).exp()).sum();
+            assert_eq!(lse.max, max);
+            assert!((lse.ln_sum - sum.ln()).abs() < 1e-6, "{scale}: {lse:?}");
+        }
+    }
+
+    #[test]
+    fn kth_largest_counts_ties() {
+        let mut buf = Vec::new();
+        let xs = [1.0, 5.0, f32::NAN, 3.0, 5.0, 2.0];
+        assert_eq!(kth_largest(&xs, 1, &mut buf), 5.0);
+        assert_eq!(kth_largest(&xs, 2, &mut buf), 5.0);
+        assert_eq!(kth_largest(&xs, 3, &mut buf), 3.0);
+        assert_eq!(kth_largest(&xs, 5, &mut buf), 1.0);
+        assert_eq!(kth_largest(&xs, 6, &mut buf), f32::NEG_INFINITY);
+        let many: Vec<f32> = (0..100).map(|i| (i % 10) as f32).collect();
+        assert_eq!(kth_largest(&many, 10, &mut buf), 9.0);
+        assert_eq!(kth_largest(&many, 25, &mut buf), 7.0);
+        let mixed = [-0.5, f32::NEG_INFINITY, 3.5, -2.0, 0.0, 1e-30, -1e30];
+        let mut sorted = mixed.to_vec();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        for k in 1..=mixed.len() {
+            assert_eq!(kth_largest_select(&mixed, k), sorted[k - 1], "k = {k}");
+        }
+    }
+
+    #[test]
     fn patches_copy_on_write() {
         let raw = vec![0f32; 130];
         let mut top = TopN::new(0);
-        let (mut view, _) = RowView::new(&raw, &mut top);
+        let mut buf = RowBuffers::default();
+        let (mut view, _) = RowView::new(&raw, &mut buf, &mut top);
         view.set(129, 5.0);
         view.set(3, -1.0);
         view.finish_edits();
@@ -434,5 +395,10 @@ mod tests {
         assert_eq!(view.chunk_max(2), 5.0);
         assert_eq!(view.max(), 5.0);
         assert_eq!(raw[129], 0.0);
+        view.patch_all();
+        view.set(0, 7.0);
+        view.finish_edits();
+        assert_eq!((view.get(0), view.get(129), view.get(3)), (7.0, 0.0, 0.0));
+        assert_eq!(view.max(), 7.0);
     }
 }

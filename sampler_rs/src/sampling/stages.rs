@@ -7,7 +7,8 @@
 
 use std::cmp::Ordering;
 
-use super::row::{exp_nonpos, RowView, CHUNK};
+use super::kernels::{exp_nonpos, exp_weights};
+use super::row::{kth_largest, RowView, CHUNK};
 use super::TokenId;
 
 /// A token that survived the filters so far, with its scaled score `logit / temperature`.
@@ -89,23 +90,9 @@ pub fn top_k(
     let n_chunks = view.n_chunks();
     let mut thr = f32::NEG_INFINITY;
     if k < n_chunks {
-        scratch.clear();
-        scratch.extend((0..n_chunks).map(|c| view.chunk_max(c)));
-        let (_, kth, _) = scratch.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
-        thr = *kth / t;
+        thr = kth_largest(view.chunk_maxima(), k, scratch) / t;
     }
-    for c in 0..n_chunks {
-        if view.chunk_max(c) / t < thr {
-            continue;
-        }
-        let base = c * CHUNK;
-        for (j, &x) in view.chunk(c).iter().enumerate() {
-            let s = x / t;
-            if s >= thr {
-                out.push(((base + j) as TokenId, s));
-            }
-        }
-    }
+    gather(view, t, thr, out);
     if out.len() > k {
         let (_, kth, _) = out.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
         let kth = kth.1;
@@ -113,49 +100,79 @@ pub fn top_k(
     }
 }
 
-/// The maximum and `sum(exp(s - max))` of the candidates' scores.
-fn softmax_norm(cands: &[Candidate]) -> (f32, f64) {
+/// The maximum of the candidates' scores, and their softmax weights `exp(s - max)` into `w`.
+fn softmax_weights(cands: &[Candidate], w: &mut Vec<f32>) -> f32 {
     let m = cands
         .iter()
         .fold(f32::NEG_INFINITY, |m, &(_, s)| if s > m { s } else { m });
-    let z = cands
-        .iter()
-        .map(|&(_, s)| f64::from(exp_nonpos(s - m)))
-        .sum();
-    (m, z)
+    exp_weights(cands, m, w);
+    m
 }
 
-/// transformers' `TopPLogitsWarper` on a candidate list: sorts it best first and keeps the
-/// shortest prefix whose probability mass reaches `top_p` (at least one token). `norm` is the
-/// softmax's `(max, sum)` over the whole row when the candidates are only its best part.
-pub fn top_p(cands: &mut Vec<Candidate>, top_p: f64, norm: Option<(f32, f64)>) {
-    cands.sort_unstable_by(by_score_desc);
-    let (m, z) = norm.unwrap_or_else(|| softmax_norm(cands));
+fn total(w: &[f32]) -> f64 {
+    w.iter().map(|&x| f64::from(x)).sum()
+}
+
+/// transformers' `TopPLogitsWarper` on a candidate list: keeps the shortest best-first prefix
+/// whose probability mass reaches `top_p` (at least one token). `norm` is the softmax's
+/// `(max, sum)` over the whole row when the candidates are only its best part.
+///
+/// The prefix is found by quickselect on its length (expected linear time), so only the last
+/// few candidates around the boundary are ever sorted. The kept candidates end up first, in an
+/// unspecified but deterministic order.
+pub fn top_p(cands: &mut Vec<Candidate>, top_p: f64, norm: Option<(f32, f64)>, w: &mut Vec<f32>) {
+    let (m, z) = match norm {
+        Some(n) => n,
+        None => {
+            let m = softmax_weights(cands, w);
+            (m, total(w))
+        }
+    };
     if z.is_nan() || z <= 0.0 || m == f32::NEG_INFINITY {
         return;
     }
     // A token is dropped when the mass strictly above it already reaches top_p: transformers'
-    // `cumsum(ascending) <= 1 - top_p`, read from the top.
+    // `cumsum(ascending) <= 1 - top_p`, read from the top. So the kept prefix has the smallest
+    // length `len >= 1` whose mass reaches `top_p * z`.
     let target = top_p * z;
-    let mut above = 0f64;
-    for i in 0..cands.len() {
+    // Invariant: cands[..lo] are the `lo` best, of mass `mass_lo < target` (or lo == 0), and
+    // the answer lies in (lo, hi].
+    let (mut lo, mut hi, mut mass_lo) = (0, cands.len(), 0f64);
+    while hi - lo > 32 {
+        let mid = lo + (hi - lo) / 2;
+        cands[lo..hi].select_nth_unstable_by(mid - lo, by_score_desc);
+        exp_weights(&cands[lo..mid], m, w);
+        let mass_mid = mass_lo + total(w);
+        if mass_mid >= target {
+            hi = mid;
+        } else {
+            (lo, mass_lo) = (mid, mass_mid);
+        }
+    }
+    cands[lo..hi].sort_unstable_by(by_score_desc);
+    exp_weights(&cands[lo..hi], m, w);
+    let mut above = mass_lo;
+    for (i, &wi) in (lo..hi).zip(w.iter()) {
         if i > 0 && above >= target {
             cands.truncate(i);
             return;
         }
-        above += f64::from(exp_nonpos(cands[i].1 - m));
+        above += f64::from(wi);
     }
+    cands.truncate(hi);
 }
 
-/// [`top_p`] straight from the row, without a top-k before it: gathers the tokens within a
-/// widening window below the maximum until they hold `top_p` of the mass, then runs [`top_p`]
-/// on them; the whole row is sorted only when its mass is spread over all of it.
+/// [`top_p`] straight from the row, without a top-k before it: gathers the tokens in bands
+/// below the maximum (`[m - 4, m]`, then bands twice as wide each time) until they hold
+/// `top_p` of the mass, then runs [`top_p`] on them. A peaked row is done after one band; a
+/// flat one ends up gathering the whole row.
 pub fn top_p_dense(
     view: &RowView<'_>,
     t: f32,
     p: f64,
     out: &mut Vec<Candidate>,
     sums: &mut Vec<f32>,
+    w: &mut Vec<f32>,
 ) {
     let m = view.max() / t;
     out.clear();
@@ -165,53 +182,81 @@ pub fn top_p_dense(
     view.chunk_exp_sums(t, m, sums);
     let z: f64 = sums.iter().map(|&s| f64::from(s)).sum();
     let target = p * z;
-    let mut window = 8f32;
-    loop {
-        let thr = if window > 256.0 {
+    let (mut hi, mut width, mut mass) = (f32::INFINITY, 4f32, 0f64);
+    while mass < target && hi > f32::NEG_INFINITY {
+        let lo = if width > 128.0 {
             f32::NEG_INFINITY
         } else {
-            m - window
+            m - width
         };
-        gather(view, t, thr, out);
-        let mass: f64 = out.iter().map(|&(_, s)| f64::from(exp_nonpos(s - m))).sum();
-        if mass >= target || thr == f32::NEG_INFINITY {
-            break;
-        }
-        window *= 2.0;
+        let start = out.len();
+        gather_band(view, t, lo, hi, out);
+        exp_weights(&out[start..], m, w);
+        mass += total(w);
+        (hi, width) = (lo, width * 2.0);
     }
-    top_p(out, p, Some((m, z)));
+    top_p(out, p, Some((m, z)), w);
 }
 
-/// Every token whose scaled score is `>= thr`, in token order.
-fn gather(view: &RowView<'_>, t: f32, thr: f32, out: &mut Vec<Candidate>) {
-    out.clear();
+/// Appends every token whose scaled score `s = x / t` is `>= lo`, in token order, when few are
+/// expected to pass (top-k, min-p): chunks whose max falls short are skipped, and inside a chunk
+/// a cheap test on the unscaled value (`x >= lo * t`, with a margin for rounding) comes first.
+fn gather(view: &RowView<'_>, t: f32, lo: f32, out: &mut Vec<Candidate>) {
+    let pre = lo * t;
+    let pre = pre - pre.abs() * 1e-5 - f32::MIN_POSITIVE;
     for c in 0..view.n_chunks() {
-        if view.chunk_max(c) / t < thr {
+        if view.chunk_max(c) / t < lo {
             continue;
         }
         let base = c * CHUNK;
         for (j, &x) in view.chunk(c).iter().enumerate() {
-            let s = x / t;
-            if s >= thr {
-                out.push(((base + j) as TokenId, s));
+            if x >= pre {
+                let s = x / t;
+                if s >= lo {
+                    out.push(((base + j) as TokenId, s));
+                }
             }
         }
     }
 }
 
+/// Appends every token with `lo <= x / t < hi`, in token order, when many may pass (a band of a
+/// flat row): branch-free inside a chunk (every token is written to a small buffer, and the
+/// write position advances only when it passes).
+fn gather_band(view: &RowView<'_>, t: f32, lo: f32, hi: f32, out: &mut Vec<Candidate>) {
+    let mut buf = [(0 as TokenId, 0f32); CHUNK];
+    for c in 0..view.n_chunks() {
+        if view.chunk_max(c) / t < lo {
+            continue;
+        }
+        let base = c * CHUNK;
+        let mut n = 0;
+        for (j, &x) in view.chunk(c).iter().enumerate() {
+            let s = x / t;
+            buf[n] = ((base + j) as TokenId, s);
+            n += usize::from(s >= lo && s < hi);
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
 /// transformers' `MinPLogitsWarper` on a candidate list: drops tokens whose probability is below
 /// `min_p` times the top probability, i.e. `exp(s - max) < min_p`. The best token always stays.
-pub fn min_p(cands: &mut Vec<Candidate>, min_p: f64) {
-    let (m, _) = softmax_norm(cands);
+pub fn min_p(cands: &mut Vec<Candidate>, min_p: f64, w: &mut Vec<f32>) {
+    let m = softmax_weights(cands, w);
     if m == f32::NEG_INFINITY {
         return;
     }
-    cands.retain(|&(_, s)| f64::from(exp_nonpos(s - m)) >= min_p || s == m);
+    let mut i = 0;
+    cands.retain(|&(_, s)| {
+        i += 1;
+        f64::from(w[i - 1]) >= min_p || s == m
+    });
 }
 
 /// [`min_p`] straight from the row: gathers the tokens within `-ln(min_p)` of the maximum
 /// (with a margin), then applies the exact test.
-pub fn min_p_dense(view: &RowView<'_>, t: f32, p: f64, out: &mut Vec<Candidate>) {
+pub fn min_p_dense(view: &RowView<'_>, t: f32, p: f64, out: &mut Vec<Candidate>, w: &mut Vec<f32>) {
     let m = view.max() / t;
     out.clear();
     if m == f32::NEG_INFINITY || m.is_nan() {
@@ -219,21 +264,22 @@ pub fn min_p_dense(view: &RowView<'_>, t: f32, p: f64, out: &mut Vec<Candidate>)
     }
     let thr = m + (p.ln() as f32) - 1e-2 * (1.0 + m.abs());
     gather(view, t, thr, out);
-    min_p(out, p);
+    min_p(out, p, w);
 }
 
 /// Samples from the softmax of the candidates' scores: the first token where the running sum of
 /// weights passes `u * total`, `u` uniform in `[0, 1)`. `None` when no candidate has weight.
-pub fn sample_candidates(cands: &[Candidate], u: f64) -> Option<TokenId> {
-    let (m, z) = softmax_norm(cands);
+pub fn sample_candidates(cands: &[Candidate], u: f64, w: &mut Vec<f32>) -> Option<TokenId> {
+    let m = softmax_weights(cands, w);
+    let z = total(w);
     if z.is_nan() || z <= 0.0 || m == f32::NEG_INFINITY {
         return None;
     }
     let target = u * z;
     let mut acc = 0f64;
     let mut last = None;
-    for &(tok, s) in cands {
-        let w = f64::from(exp_nonpos(s - m));
+    for (&(tok, s), &w) in cands.iter().zip(w.iter()) {
+        let w = f64::from(w);
         if w > 0.0 && s >= m - 88.0 {
             acc += w;
             last = Some(tok);

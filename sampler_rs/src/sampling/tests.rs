@@ -218,6 +218,35 @@ proptest! {
 }
 
 #[test]
+fn few_and_many_edits_agree() {
+    // Few edits patch chunk by chunk; many copy the whole row first. Same result either way.
+    let row: Vec<f32> = (0..1000)
+        .map(|i| ((i * 37 % 101) as f32) * 0.1 - 5.0)
+        .collect();
+    let few: Vec<u32> = vec![3, 64, 65, 999];
+    let many: Vec<u32> = (0..200).map(|i| i * 5).collect();
+    for prompt in [few, many] {
+        let c = SamplingConfig {
+            repetition_penalty: 1.3,
+            frequency_penalty: 0.5,
+            logit_bias: vec![(10, 2.0)],
+            ..cfg()
+        };
+        let got = process_row(&row, params(c), &prompt, &[64, 64, 7]);
+        let mut want = row.clone();
+        want[10] += 2.0;
+        let seen: std::collections::BTreeSet<u32> = prompt.iter().copied().chain([64, 7]).collect();
+        for &t in &seen {
+            let x = want[t as usize];
+            want[t as usize] = if x < 0.0 { x * 1.3 } else { x / 1.3 };
+        }
+        want[64] -= 2.0 * 0.5;
+        want[7] -= 0.5;
+        assert_eq!(got, want, "prompt of {}", prompt.len());
+    }
+}
+
+#[test]
 fn eos_masked_until_min_tokens() {
     let vocab = 8;
     let mut row = vec![0f32; vocab];

@@ -1,0 +1,351 @@
+//! Guided decoding: compiled constraints ([`Guide`]) and the per-sequence matcher ([`GuideState`])
+//! that turns "what may come next" into a token bitmask.
+//!
+//! # Engines
+//!
+//! A [`Guide`] is compiled by one of two engines, named by [`Guide::engine`]:
+//!
+//! - **`tokenwire-dfa`** (ours): regexes and `choice`. The pattern becomes a byte-level DFA
+//!   (`regex-automata`, anchored, full match), re-tabled into a compact transition table whose
+//!   states are exactly the *live* ones (a state from which some accepting string is still
+//!   reachable; every other state is the single dead state 0). The allowed tokens of a state come
+//!   from walking the vocabulary's [`TokenTrie`] through that table (a rejected byte skips the
+//!   whole subtree), computed the first time the state is reached and then cached on the guide,
+//!   which is shared by every sequence: a step on a regular constraint copies a cached bitmask.
+//! - **`llguidance`** (the `llguidance` crate, MIT): JSON Schema, `json_object` and grammars
+//!   (Lark-style EBNF, which also accepts GBNF's `::=` rules). It runs with a non-canonical
+//!   tokenizer environment, so its masks allow every token that extends a valid prefix (no
+//!   canonical-tokenization forcing), like ours. It fails closed on unsupported JSON Schema
+//!   keywords.
+//!
+//! # Conventions (both engines)
+//!
+//! - Bit `t` of a mask is set iff token `t` is allowed; words are `u32`, little bit first, and
+//!   bits past the vocabulary (logit-row padding) are always 0.
+//! - A token is allowed iff the text so far followed by its bytes is a prefix of some string of
+//!   the language. Tokens that end inside a multi-byte UTF-8 character are therefore allowed
+//!   exactly when they extend a valid prefix. Special tokens are never allowed, except EOS.
+//! - Every EOS token is allowed iff the text so far is a complete match; advancing with EOS
+//!   ends the sequence ([`GuideState::is_finished`]).
+//! - A token that is not allowed leaves the state unchanged ([`GuideState::advance`] returns
+//!   `false`); the caller decides what to do.
+
+mod dfa;
+mod error;
+mod gbnf;
+mod llg;
+mod mask;
+mod trie;
+mod vocab;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::{Arc, Mutex};
+
+pub use dfa::DfaLimits;
+pub use error::{GuideError, Result};
+pub use mask::MaskWords;
+pub use trie::TokenTrie;
+pub use vocab::Vocabulary;
+
+use crate::sampling::TokenId;
+use dfa::DfaGuide;
+use llg::LlgGuide;
+use vocab::VocabCore;
+
+/// A DFA state id in the re-tabled automaton (premultiplied by the number of byte classes).
+pub type StateId = u32;
+
+/// What a guide was compiled from; the key of the vocabulary's compile cache.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum GuideSpec {
+    /// A regex that must match the whole output.
+    Regex(String),
+    /// Exactly one of these strings.
+    Choice(Vec<String>),
+    /// A JSON Schema (draft 2020-12 subset), with the whitespace allowed between JSON tokens.
+    JsonSchema {
+        /// The schema, as JSON text.
+        schema: String,
+        /// A regex for whitespace allowed between JSON tokens; `None` = compact JSON.
+        whitespace_pattern: Option<String>,
+    },
+    /// Any JSON object.
+    JsonObject {
+        /// As for [`GuideSpec::JsonSchema`].
+        whitespace_pattern: Option<String>,
+    },
+    /// A Lark-style EBNF grammar (GBNF `::=` rules accepted).
+    Grammar(String),
+}
+
+/// Which engine compiled a guide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// Our byte-DFA engine.
+    TokenwireDfa,
+    /// The `llguidance` crate.
+    Llguidance,
+}
+
+impl Engine {
+    /// The engine's name as reported to users and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::TokenwireDfa => "tokenwire-dfa",
+            Engine::Llguidance => "llguidance",
+        }
+    }
+}
+
+// One per compiled guide, behind an `Arc`: size does not matter.
+#[allow(clippy::large_enum_variant)]
+enum GuideKind {
+    Dfa(DfaGuide),
+    Llg(Box<LlgGuide>),
+}
+
+struct GuideInner {
+    vocab: Arc<VocabCore>,
+    kind: GuideKind,
+}
+
+/// A compiled constraint: immutable, cheap to clone (an `Arc`), shareable across sequences and
+/// threads.
+#[derive(Clone)]
+pub struct Guide {
+    inner: Arc<GuideInner>,
+}
+
+impl std::fmt::Debug for Guide {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guide")
+            .field("engine", &self.engine().name())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Guide {
+    /// Compiles `spec` for `vocab` (uncached; see [`Vocabulary::compile`] for the cached call).
+    pub fn compile(vocabulary: &Vocabulary, spec: &GuideSpec) -> Result<Guide> {
+        let vocab = &**vocabulary.core();
+        let kind = match spec {
+            GuideSpec::Regex(pattern) => {
+                GuideKind::Dfa(DfaGuide::new(vocab, pattern, &DfaLimits::default())?)
+            }
+            GuideSpec::Choice(choices) => {
+                if choices.is_empty() {
+                    return Err(GuideError::Invalid(
+                        "`choice` needs at least one string".into(),
+                    ));
+                }
+                let pattern = choices
+                    .iter()
+                    .map(|c| regex_syntax::escape(c))
+                    .collect::<Vec<_>>()
+                    .join("|");
+                GuideKind::Dfa(DfaGuide::new(vocab, &pattern, &DfaLimits::default())?)
+            }
+            GuideSpec::JsonSchema {
+                schema,
+                whitespace_pattern,
+            } => GuideKind::Llg(Box::new(LlgGuide::json_schema(
+                vocab,
+                schema,
+                whitespace_pattern.as_deref(),
+            )?)),
+            GuideSpec::JsonObject { whitespace_pattern } => {
+                GuideKind::Llg(Box::new(LlgGuide::json_schema(
+                    vocab,
+                    r#"{"type":"object"}"#,
+                    whitespace_pattern.as_deref(),
+                )?))
+            }
+            GuideSpec::Grammar(grammar) => {
+                GuideKind::Llg(Box::new(LlgGuide::grammar(vocab, grammar)?))
+            }
+        };
+        Ok(Guide {
+            inner: Arc::new(GuideInner {
+                vocab: vocabulary.core().clone(),
+                kind,
+            }),
+        })
+    }
+
+    /// Which engine compiled this guide.
+    pub fn engine(&self) -> Engine {
+        match self.inner.kind {
+            GuideKind::Dfa(_) => Engine::TokenwireDfa,
+            GuideKind::Llg(_) => Engine::Llguidance,
+        }
+    }
+
+    /// The size of the vocabulary this guide was compiled for.
+    pub fn vocab_len(&self) -> usize {
+        self.inner.vocab.len()
+    }
+
+    /// Number of live DFA states (`None` for the llguidance engine); for tests and stats.
+    pub fn dfa_states(&self) -> Option<usize> {
+        match &self.inner.kind {
+            GuideKind::Dfa(d) => Some(d.num_states()),
+            GuideKind::Llg(_) => None,
+        }
+    }
+}
+
+enum StateKind {
+    Dfa(StateId),
+    // Boxed: a matcher is large, and a DFA state is one word.
+    Llg(Box<Mutex<llguidance::Matcher>>),
+}
+
+/// One sequence's position in a guide: mutable, one per sequence.
+pub struct GuideState {
+    guide: Guide,
+    kind: StateKind,
+    /// EOS was consumed: nothing more may follow.
+    ended: bool,
+    /// Cached `is_accepting` of the llguidance matcher (it costs a parser query).
+    llg_accepting: Option<bool>,
+}
+
+impl std::fmt::Debug for GuideState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuideState")
+            .field("engine", &self.guide.engine().name())
+            .field("ended", &self.ended)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GuideState {
+    /// A sequence at the start of `guide`.
+    pub fn new(guide: &Guide) -> GuideState {
+        let kind = match &guide.inner.kind {
+            GuideKind::Dfa(d) => StateKind::Dfa(d.start()),
+            GuideKind::Llg(l) => StateKind::Llg(Box::new(Mutex::new(l.matcher()))),
+        };
+        GuideState {
+            guide: guide.clone(),
+            kind,
+            ended: false,
+            llg_accepting: None,
+        }
+    }
+
+    /// The guide this state walks.
+    pub fn guide(&self) -> &Guide {
+        &self.guide
+    }
+
+    /// Writes the allowed-token bitmask into `out` (`out.len() * 32 >= vocab size`); bits past
+    /// the vocabulary are cleared.
+    pub fn fill_mask(&mut self, out: &mut [u32]) -> Result<()> {
+        let vocab = &self.guide.inner.vocab;
+        let words = vocab.mask_words();
+        if out.len() < words {
+            return Err(GuideError::Invalid(format!(
+                "mask buffer has {} words, the vocabulary of {} tokens needs {words}",
+                out.len(),
+                vocab.len()
+            )));
+        }
+        if self.ended {
+            out.fill(0);
+            return Ok(());
+        }
+        match (&mut self.kind, &self.guide.inner.kind) {
+            (StateKind::Dfa(s), GuideKind::Dfa(d)) => {
+                d.fill_mask(vocab, *s, &mut out[..words]);
+            }
+            (StateKind::Llg(m), GuideKind::Llg(l)) => {
+                let m = m.get_mut().unwrap_or_else(|p| p.into_inner());
+                let accepting = l.fill_mask(vocab, m, &mut out[..words])?;
+                self.llg_accepting = Some(accepting);
+            }
+            _ => unreachable!("a state always matches its guide's engine"),
+        }
+        out[words..].fill(0);
+        Ok(())
+    }
+
+    /// Advances by `token`; returns `false` (and changes nothing) if the token is not allowed.
+    pub fn advance(&mut self, token: TokenId) -> bool {
+        if self.ended {
+            return false;
+        }
+        let vocab = &self.guide.inner.vocab;
+        if vocab.is_eos(token) {
+            if self.is_accepting() {
+                self.ended = true;
+                return true;
+            }
+            return false;
+        }
+        if vocab.is_special(token) || token as usize >= vocab.len() {
+            return false;
+        }
+        match (&mut self.kind, &self.guide.inner.kind) {
+            (StateKind::Dfa(s), GuideKind::Dfa(d)) => match d.walk(*s, vocab.token_bytes(token)) {
+                Some(next) => {
+                    *s = next;
+                    true
+                }
+                None => false,
+            },
+            (StateKind::Llg(m), GuideKind::Llg(l)) => {
+                let m = m.get_mut().unwrap_or_else(|p| p.into_inner());
+                let ok = l.advance(m, token);
+                if ok {
+                    self.llg_accepting = None;
+                }
+                ok
+            }
+            _ => unreachable!("a state always matches its guide's engine"),
+        }
+    }
+
+    /// Whether the text so far is a complete match (EOS is allowed).
+    pub fn is_accepting(&mut self) -> bool {
+        if self.ended {
+            return true;
+        }
+        match (&mut self.kind, &self.guide.inner.kind) {
+            (StateKind::Dfa(s), GuideKind::Dfa(d)) => d.is_accepting(*s),
+            (StateKind::Llg(m), GuideKind::Llg(_)) => {
+                if let Some(a) = self.llg_accepting {
+                    return a;
+                }
+                let m = m.get_mut().unwrap_or_else(|p| p.into_inner());
+                let a = LlgGuide::is_accepting(m);
+                self.llg_accepting = Some(a);
+                a
+            }
+            _ => unreachable!("a state always matches its guide's engine"),
+        }
+    }
+
+    /// Whether generation must end: EOS was consumed, or the text is a complete match and no
+    /// other token may follow.
+    pub fn is_finished(&mut self) -> bool {
+        if self.ended {
+            return true;
+        }
+        match (&mut self.kind, &self.guide.inner.kind) {
+            (StateKind::Dfa(s), GuideKind::Dfa(d)) => d.is_accepting(*s) && !d.can_continue(*s),
+            (StateKind::Llg(m), GuideKind::Llg(_)) => {
+                let m = m.get_mut().unwrap_or_else(|p| p.into_inner());
+                LlgGuide::is_finished(m)
+            }
+            _ => unreachable!("a state always matches its guide's engine"),
+        }
+    }
+
+    /// Whether EOS was consumed.
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+}

@@ -42,12 +42,22 @@ class ServedModel:
     def render_prompt(self, params: ChatParams) -> list[int]:
         """Apply the chat template (with the generation prompt) and tokenize."""
         conversation = [m.to_template() for m in params.messages]
+        where = "chat_template" if params.chat_template is not None else "messages"
         try:
-            text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        except Exception as exc:  # the template itself rejected the conversation (jinja2 raise_exception, ...)
-            raise InvalidRequest(
-                [FieldViolation("messages", f"the chat template rejected the messages: {exc}", "template_error")]
-            ) from exc
+            # transformers renders in jinja2's ImmutableSandboxedEnvironment: a request's template cannot reach
+            # Python objects beyond the conversation and its kwargs.
+            text = self.tokenizer.apply_chat_template(
+                conversation,
+                chat_template=params.chat_template,
+                tokenize=False,
+                add_generation_prompt=True,
+                **dict(params.chat_template_kwargs),
+            )
+        except Exception as exc:  # a template syntax error, or the template rejected the conversation
+            msg = f"the chat template failed: {type(exc).__name__}: {exc}"
+            raise InvalidRequest([FieldViolation(where, msg, "template_error")]) from exc
+        if not isinstance(text, str):
+            raise InvalidRequest([FieldViolation(where, "the chat template did not render text", "template_error")])
         ids: list[int] = self.tokenizer.encode(text, add_special_tokens=False)
         return ids
 

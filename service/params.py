@@ -12,6 +12,7 @@ Rules, in order (all violations of a request are reported together, each naming 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,7 @@ SUPPORTED = frozenset({
     "messages", "model", "stream", "stream_options", "max_tokens", "max_completion_tokens",
     "temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty",
     "logit_bias", "seed", "logprobs", "top_logprobs", "min_tokens", "ignore_eos",
+    "stop", "include_stop_str_in_output", "loglikelihood", "chat_template", "chat_template_kwargs_json",
     "user", "log_prompt", "store", "metadata", "service_tier",
 })
 # fmt: on
@@ -81,19 +83,8 @@ BOUNDS: dict[str, tuple[float, float, bool]] = {
 # Where the behaviour of a not-yet-supported field comes from (for the error message).
 LATER: dict[str, str] = {
     **dict.fromkeys(
-        [
-            "n",
-            "best_of",
-            "use_beam_search",
-            "length_penalty",
-            "early_stopping",
-            "stop",
-            "include_stop_str_in_output",
-            "loglikelihood",
-            "chat_template",
-            "chat_template_kwargs_json",
-        ],
-        "n / best_of / beam search / stop strings",
+        ["n", "best_of", "use_beam_search", "length_penalty", "early_stopping"],
+        "n / best_of / beam search",
     ),
     **dict.fromkeys(
         [
@@ -143,7 +134,9 @@ class Limits:
     max_request_bytes: int = 4 * 1024 * 1024  # the gRPC receive limit (the gateway's body limit matches)
     max_n: int = 16  # n (with its issue)
     max_best_of: int = 16  # best_of / beam width (with its issue)
-    max_stop: int = 4  # stop strings (with its issue)
+    max_stop: int = 4  # stop strings per request
+    max_stop_chars: int = 1000  # characters per stop string
+    allow_request_chat_template: bool = True  # per-request Jinja templates (rendered sandboxed)
 
 
 @dataclass(frozen=True)
@@ -208,9 +201,58 @@ class ChatParams:
     sampling: SamplingParams
     logprobs: bool = False
     top_logprobs: int = 0  # 0..20 alternatives per token (needs logprobs)
+    stop: tuple[str, ...] = ()  # stop strings, matched on decoded text
+    include_stop_str_in_output: bool = False
+    loglikelihood: bool = False  # prompt logprobs on the (unary) response
+    chat_template: str | None = None  # per-request Jinja template
+    chat_template_kwargs: tuple[tuple[str, Any], ...] = ()  # extra template variables
     user: str | None = None
     log_prompt: bool = False
     bookkeeping: dict[str, Any] = field(default_factory=dict)  # store / metadata / service_tier, logged only
+
+
+# Template variables a request may not override (they are the renderer's own).
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {"messages", "conversation", "tools", "documents", "add_generation_prompt", "continue_final_message",
+     "tokenize", "chat_template", "return_dict", "return_assistant_tokens_mask"}
+)  # fmt: skip
+
+
+def _stops(request: chat_pb2.ChatCompletionRequest, limits: Limits, out: list[FieldViolation]) -> tuple[str, ...]:
+    stops = tuple(request.stop)
+    if len(stops) > limits.max_stop:
+        out.append(FieldViolation("stop", f"at most {limits.max_stop} stop strings, got {len(stops)}", "too_long"))
+    for i, s in enumerate(stops):
+        if not s:
+            out.append(FieldViolation(f"stop[{i}]", "a stop string must not be empty", "string_too_short"))
+        elif len(s) > limits.max_stop_chars:
+            out.append(FieldViolation(f"stop[{i}]", f"at most {limits.max_stop_chars} characters, got {len(s)}",
+                                      "string_too_long"))  # fmt: skip
+    return stops
+
+
+def _template(
+    request: chat_pb2.ChatCompletionRequest, limits: Limits, out: list[FieldViolation]
+) -> tuple[str | None, tuple[tuple[str, Any], ...]]:
+    template = request.chat_template if request.HasField("chat_template") else None
+    if template is not None and not limits.allow_request_chat_template:
+        out.append(FieldViolation("chat_template", "per-request chat templates are disabled on this server",
+                                  "not_allowed"))  # fmt: skip
+    elif template is not None and len(template) > limits.max_string_chars:
+        msg = f"at most {limits.max_string_chars} characters, got {len(template)}"
+        out.append(FieldViolation("chat_template", msg, "string_too_long"))
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    if request.HasField("chat_template_kwargs_json"):
+        value = json.loads(request.chat_template_kwargs_json)  # the gateway wrote it; gRPC clients must too
+        if not isinstance(value, dict):
+            out.append(FieldViolation("chat_template_kwargs", "`chat_template_kwargs` must be a JSON object",
+                                      "dict_type"))  # fmt: skip
+        else:
+            for key in sorted(RESERVED_TEMPLATE_KWARGS & value.keys()):
+                out.append(FieldViolation(f"chat_template_kwargs.{key}", f"`{key}` is set by the server and cannot "
+                                          "be overridden", "reserved"))  # fmt: skip
+            kwargs = tuple(sorted(value.items()))
+    return template, kwargs
 
 
 def _is_neutral(name: str, value: Any) -> bool:
@@ -447,6 +489,16 @@ def validate(
         msg = f"`min_tokens` ({min_tokens}) must be <= the max tokens ({max_tokens})"
         out.append(FieldViolation("min_tokens", msg, "less_than_equal"))
 
+    stops = _stops(request, limits, out)
+    try:
+        chat_template, template_kwargs = _template(request, limits, out)
+    except json.JSONDecodeError as exc:
+        out.append(FieldViolation("chat_template_kwargs", f"not valid JSON: {exc}", "json_invalid"))
+        chat_template, template_kwargs = None, ()
+    if request.loglikelihood and streaming:
+        out.append(FieldViolation("loglikelihood", "prompt logprobs come on unary responses: use `stream: false`",
+                                  "value_error"))  # fmt: skip
+
     if out:
         raise InvalidRequest(out)
     if model not in served_names:
@@ -480,6 +532,11 @@ def validate(
         ),
         logprobs=request.logprobs,
         top_logprobs=top_logprobs,
+        stop=stops,
+        include_stop_str_in_output=request.include_stop_str_in_output,
+        loglikelihood=request.loglikelihood,
+        chat_template=chat_template,
+        chat_template_kwargs=template_kwargs,
         user=request.user if request.HasField("user") else None,
         log_prompt=request.log_prompt,
         bookkeeping=bookkeeping,

@@ -91,7 +91,14 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             fields["prompt"] = served.tokenizer.decode(prompt_ids)
         log.info("request", extra={"fields": fields})
         engine_request = EngineRequest(
-            request_id, tuple(prompt_ids), max_new, params.sampling, params.top_logprobs if params.logprobs else 0
+            request_id,
+            tuple(prompt_ids),
+            max_new,
+            params.sampling,
+            top_logprobs=params.top_logprobs if params.logprobs else 0,
+            stop=params.stop,
+            include_stop_str_in_output=params.include_stop_str_in_output,
+            prompt_logprobs=params.loglikelihood,
         )
         return served, engine, params, engine_request
 
@@ -106,6 +113,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         handle = engine.submit(req, asyncio.get_running_loop())
         texts: list[str] = []
         tokens: list[TokenInfo] = []
+        prompt_logprobs: tuple[TokenInfo, ...] = ()
         finish = FinishReason.LENGTH
         try:
             async for event in handle:
@@ -113,6 +121,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                     await _abort(context, ServiceUnavailable(event.error))
                 texts.append(event.text)
                 tokens.extend(event.tokens)
+                prompt_logprobs = event.prompt_logprobs or prompt_logprobs
                 if event.finish_reason is not None:
                     finish = event.finish_reason
         finally:
@@ -136,6 +145,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             usage=chat_pb2.Usage(
                 prompt_tokens=prompt_tokens, completion_tokens=count, total_tokens=prompt_tokens + count
             ),
+            prompt_logprobs=_logprobs(served.vocab, list(prompt_logprobs), 0).content,
         )
 
     async def StreamChatCompletion(

@@ -68,8 +68,12 @@ def test_max_completion_tokens_wins() -> None:
         ({"audio_json": "{}"}, "audio", "text-only"),
         ({"modalities": ["text", "audio"]}, "modalities", 'only ["text"]'),
         ({"guided_regex": "a+"}, "guided_regex", "not supported yet (arrives with guided decoding)"),
-        ({"chat_template_kwargs_json": "{}"}, "chat_template_kwargs", "not supported yet"),
-        ({"stop": ["x"]}, "stop", "not supported yet"),
+        ({"use_beam_search": True}, "use_beam_search", "not supported yet"),
+        ({"chat_template_kwargs_json": "[1]"}, "chat_template_kwargs", "JSON object"),
+        ({"chat_template_kwargs_json": '{"messages": 1}'}, "chat_template_kwargs.messages", "cannot be overridden"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
+        ({"stop": ["ok", ""]}, "stop[1]", "empty"),
+        ({"n": 2}, "n", "not supported yet"),
         ({"top_k": -2}, "top_k", "got -2"),
         ({"min_p": 1.5}, "min_p", "[0, 1]"),
         ({"frequency_penalty": 2.5}, "frequency_penalty", "[-2, 2]"),
@@ -147,3 +151,21 @@ def test_sampler_fields_reach_the_params() -> None:
     assert s.logit_bias == ((3, 2.5), (7, -100.0)) and s.seed == 42
     assert (s.min_tokens, s.ignore_eos, p.logprobs, p.top_logprobs) == (2, True, True, 5)
     assert check(top_k=-1).sampling.top_k == 0
+
+
+def test_stop_template_and_loglikelihood_reach_the_params() -> None:
+    import json
+
+    p = check(stop=["a", "b"], include_stop_str_in_output=True, loglikelihood=True, chat_template="{{ x }}",
+              chat_template_kwargs_json=json.dumps({"x": 1, "lang": "fr"}))  # fmt: skip
+    assert p.stop == ("a", "b") and p.include_stop_str_in_output and p.loglikelihood
+    assert p.chat_template == "{{ x }}" and p.chat_template_kwargs == (("lang", "fr"), ("x", 1))
+    assert "loglikelihood" in violations(streaming=True, loglikelihood=True)
+
+
+def test_server_can_refuse_request_templates() -> None:
+    req = chat_pb2.ChatCompletionRequest(messages=USER, chat_template="{{ 1 }}")
+    with pytest.raises(InvalidRequest) as exc:
+        validate(req, streaming=False, served_names=frozenset({"m"}), default_model="m",
+                 limits=Limits(allow_request_chat_template=False), vocab_size=10)  # fmt: skip
+    assert exc.value.violations[0].field == "chat_template"

@@ -32,6 +32,7 @@ import sampler_rs
 from ..params import SamplingParams
 from .detokenizer import IncrementalDetokenizer
 from .runner import ModelRunner
+from .stops import StopMatcher
 
 log = logging.getLogger("tokenwire.engine")
 
@@ -60,6 +61,7 @@ class StepEvent:
     tokens: tuple[TokenInfo, ...]
     finish_reason: FinishReason | None = None
     error: str | None = None
+    prompt_logprobs: tuple[TokenInfo, ...] | None = None  # on the first event, when asked for
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,9 @@ class EngineRequest:
     max_new_tokens: int
     sampling: SamplingParams
     top_logprobs: int = 0  # alternatives to report per token (the chosen token's logprob is always reported)
+    stop: tuple[str, ...] = ()  # stop strings, matched on the decoded text
+    include_stop_str_in_output: bool = False
+    prompt_logprobs: bool = False  # logprobs of every prompt token but the first
 
 
 @dataclass
@@ -80,8 +85,10 @@ class _Sequence:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[StepEvent]
     detok: IncrementalDetokenizer
+    stops: StopMatcher
     cache: Any = None
     output_ids: list[int] = field(default_factory=list)
+    pending_text: str = ""  # decoded this step, not yet through the stop matcher
 
     def emit(self, event: StepEvent) -> None:
         # RuntimeError: the consumer's event loop is closed, nobody is listening any more.
@@ -154,7 +161,8 @@ class Engine:
     # -- thread-safe API -------------------------------------------------------------------------------------
     def submit(self, request: EngineRequest, loop: asyncio.AbstractEventLoop) -> SequenceHandle:
         queue: asyncio.Queue[StepEvent] = asyncio.Queue()
-        seq = _Sequence(next(self._ids), request, loop, queue, IncrementalDetokenizer(self.tokenizer))
+        stops = StopMatcher(request.stop, request.include_stop_str_in_output)
+        seq = _Sequence(next(self._ids), request, loop, queue, IncrementalDetokenizer(self.tokenizer), stops)
         with self._cond:
             self._incoming.append(seq)
             self._cond.notify_all()
@@ -234,9 +242,15 @@ class Engine:
     def _step(self) -> None:
         seqs = list(self._running.values())
         rows: list[torch.Tensor] = []
+        prompt_lps: dict[int, tuple[TokenInfo, ...]] = {}
         for seq in seqs:
-            feed = list(seq.request.prompt_ids) if seq.cache is None else [seq.output_ids[-1]]
-            logits, seq.cache = self.runner.forward(feed, seq.cache)
+            if seq.cache is None:  # prefill
+                prompt = list(seq.request.prompt_ids)
+                logits, seq.cache, lps = self.runner.prefill(prompt, seq.request.prompt_logprobs)
+                if lps is not None:
+                    prompt_lps[seq.seq_id] = tuple(TokenInfo(t, lp) for t, lp in zip(prompt[1:], lps, strict=True))
+            else:
+                logits, seq.cache = self.runner.forward([seq.output_ids[-1]], seq.cache)
             rows.append(logits)
         batch = torch.stack(rows).cpu().numpy()
         outputs = self.sampler.step(np.ascontiguousarray(batch, dtype=np.float32), [s.seq_id for s in seqs])
@@ -245,15 +259,24 @@ class Engine:
             token = int(out.token_id)
             seq.output_ids.append(token)
             info = TokenInfo(token, float(out.logprob), tuple((int(t), float(lp)) for t, lp in out.top_logprobs))
-            finish: FinishReason | None = None
-            if token in self.eos_token_ids:
+            finish = self._advance(seq, token)
+            text = seq.stops.push(seq.pending_text, can_stop=len(seq.output_ids) >= seq.request.sampling.min_tokens)
+            seq.pending_text = ""
+            if seq.stops.stopped:
                 finish = FinishReason.STOP
-                text = seq.detok.flush()
-            else:
-                text = seq.detok.push(token)
-                if len(seq.output_ids) >= seq.request.max_new_tokens:
-                    finish = FinishReason.LENGTH
-                    text += seq.detok.flush()
-            seq.emit(StepEvent(text, (info,), finish))
+            elif finish is not None:
+                text += seq.stops.flush()
+            seq.emit(StepEvent(text, (info,), finish, prompt_logprobs=prompt_lps.get(seq.seq_id)))
             if finish is not None:
                 self._free(seq.seq_id)
+
+    def _advance(self, seq: _Sequence, token: int) -> FinishReason | None:
+        """Detokenize the new token into `seq.pending_text`; say whether EOS or the length limit ended it."""
+        if token in self.eos_token_ids:
+            seq.pending_text = seq.detok.flush()
+            return FinishReason.STOP
+        seq.pending_text = seq.detok.push(token)
+        if len(seq.output_ids) >= seq.request.max_new_tokens:
+            seq.pending_text += seq.detok.flush()
+            return FinishReason.LENGTH
+        return None

@@ -1,0 +1,479 @@
+"""Guided-decoding benchmark: MaskBench's protocol on maskbench-dev, tokenwire vs llguidance,
+xgrammar and outlines-core, one engine per process, one thread, each schema in its own forked
+child with a wall-clock timeout and a memory cap.
+
+    python bench/guided.py                                   # everything (hours: the peers are slow)
+    python bench/guided.py --limit 200 --vocabs tekken       # a seeded subset
+    python bench/guided.py --engines tokenwire,llguidance
+
+Per schema: compile (schema -> ready matcher) is timed once; per instance token, "fill mask" and
+"commit" are timed separately (``perf_counter_ns``, into a preallocated int32/uint32 bitmask of
+``ceil(V/32)`` words). Instances are ``json.dumps(data)`` (``", "``/``": "`` separators); every engine
+is told the same whitespace policy (one optional space between JSON tokens; see
+``guided_replay.py``). A schema *passes* when it compiles in time and every instance is classified
+right (no validation error: valid rejected or not accepting; no invalidation error: invalid
+accepted). Peers come from PyPI (``pip install --target DIR xgrammar outlines-core llguidance``;
+``--peers DIR`` puts DIR on their ``PYTHONPATH``). Results: a table on stdout and
+``bench/results/guided.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import guided_replay as gr  # noqa: E402
+import guided_vocab as gv  # noqa: E402
+
+ENGINES = ["tokenwire", "llguidance", "xgrammar", "outlines"]
+
+
+# ---- engine adapters (each imported only in its own worker process) -------------------------
+
+
+class Adapter:
+    name = ""
+
+    def __init__(self, spec: gv.VocabSpec) -> None:
+        self.spec = spec
+        self.n = len(spec.token_bytes)
+        self.mask = np.zeros((self.n + 31) // 32, dtype=np.int32)
+
+    def compile(self, schema: Any) -> Any:
+        raise NotImplementedError
+
+    def state(self, compiled: Any) -> Any:
+        raise NotImplementedError
+
+    def fill(self, st: Any) -> None:
+        raise NotImplementedError
+
+    def allowed(self, t: int) -> bool:
+        return bool((int(self.mask[t >> 5]) >> (t & 31)) & 1)
+
+    def commit(self, st: Any, t: int) -> bool:
+        raise NotImplementedError
+
+    def accepting(self, st: Any) -> bool:
+        raise NotImplementedError
+
+
+class Tokenwire(Adapter):
+    name = "tokenwire"
+
+    def __init__(self, spec: gv.VocabSpec) -> None:
+        super().__init__(spec)
+        import sampler_rs
+
+        self.rs = sampler_rs
+        self.vocab = sampler_rs.Vocabulary(spec.token_bytes, [spec.eos], spec.special)
+        # Warm the llguidance fallback's tokenizer environment (built once per vocabulary).
+        sampler_rs.Guide.json_schema(self.vocab, '{"type":"boolean"}')
+
+    def compile(self, schema: Any) -> Any:
+        return self.rs.Guide.json_schema(self.vocab, json.dumps(schema), whitespace_pattern=gr.WHITESPACE)
+
+    def state(self, compiled: Any) -> Any:
+        return self.rs.GuideState(compiled)
+
+    def fill(self, st: Any) -> None:
+        st.fill_mask(self.mask)
+
+    def commit(self, st: Any, t: int) -> bool:
+        return bool(st.advance(t))
+
+    def accepting(self, st: Any) -> bool:
+        return bool(st.is_accepting())
+
+
+class Llguidance(Adapter):
+    name = "llguidance"
+
+    def __init__(self, spec: gv.VocabSpec) -> None:
+        super().__init__(spec)
+        import llguidance
+
+        self.llg = llguidance
+
+        class Tok:
+            eos_token_id = spec.eos
+            bos_token_id = None
+            tokens = [b if b else f"<special_{i}>".encode() for i, b in enumerate(spec.token_bytes)]  # noqa: RUF012
+            special_token_ids = spec.special
+
+            def __call__(self, s: bytes) -> list[int]:
+                return spec.encode(s.decode("utf-8", "replace"))
+
+        self.tok = llguidance.LLTokenizer(llguidance.TokenizerWrapper(Tok()))
+        self.ptr = self.mask.ctypes.data
+        self.opts = {
+            "whitespace_flexible": False,
+            "whitespace_pattern": gr.WHITESPACE,
+            "item_separator": ",",
+            "key_separator": ":",
+        }
+
+    def compile(self, schema: Any) -> Any:
+        g = self.llg.LLMatcher.grammar_from_json_schema(schema, overrides=self.opts)
+        m = self.llg.LLMatcher(self.tok, g, log_level=0)
+        if m.is_error():
+            raise ValueError(m.get_error())
+        return m
+
+    def state(self, compiled: Any) -> Any:
+        return compiled.deep_copy()
+
+    def fill(self, st: Any) -> None:
+        st.unsafe_compute_mask_ptr(self.ptr, self.mask.nbytes)
+
+    def commit(self, st: Any, t: int) -> bool:
+        return bool(st.consume_token(t))
+
+    def accepting(self, st: Any) -> bool:
+        return bool(st.is_accepting())
+
+
+class Xgrammar(Adapter):
+    name = "xgrammar"
+
+    def __init__(self, spec: gv.VocabSpec) -> None:
+        super().__init__(spec)
+        import xgrammar as xgr
+
+        self.xgr = xgr
+        info = xgr.TokenizerInfo(
+            list(spec.token_bytes), xgr.VocabType.RAW, vocab_size=self.n, stop_token_ids=[spec.eos]
+        )
+        self.compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+        self.bitmask = xgr.allocate_token_bitmask(1, self.n)
+        self.mask = self.bitmask.numpy()[0]
+
+    def compile(self, schema: Any) -> Any:
+        return self.compiler.compile_json_schema(json.dumps(schema), any_whitespace=False, separators=(", ", ": "))
+
+    def state(self, compiled: Any) -> Any:
+        return self.xgr.GrammarMatcher(compiled)
+
+    def fill(self, st: Any) -> None:
+        st.fill_next_token_bitmask(self.bitmask)
+
+    def commit(self, st: Any, t: int) -> bool:
+        return bool(st.accept_token(t))
+
+    def accepting(self, st: Any) -> bool:
+        return bool(st.accept_token(self.spec.eos))
+
+
+class Outlines(Adapter):
+    name = "outlines"
+
+    def __init__(self, spec: gv.VocabSpec) -> None:
+        super().__init__(spec)
+        import outlines_core as oc
+        from outlines_core.json_schema import build_regex_from_schema
+
+        self.oc, self.build = oc, build_regex_from_schema
+        special = set(spec.special) | {spec.eos}
+        m: dict[bytes, list[int]] = {}
+        for i, b in enumerate(spec.token_bytes):
+            if i not in special and b:
+                m.setdefault(b, []).append(i)
+        self.vocab = oc.Vocabulary(spec.eos, m)
+        self.ptr = self.mask.ctypes.data
+
+    def compile(self, schema: Any) -> Any:
+        return self.oc.Index(self.build(json.dumps(schema), "[ ]?"), self.vocab)
+
+    def state(self, compiled: Any) -> Any:
+        return self.oc.Guide(compiled)
+
+    def fill(self, st: Any) -> None:
+        st.write_mask_into(self.ptr, self.mask.size, 4)
+
+    def commit(self, st: Any, t: int) -> bool:
+        try:
+            st.advance(t, return_tokens=False)
+        except Exception:
+            return False
+        return True
+
+    def accepting(self, st: Any) -> bool:
+        return bool(st.is_finished())
+
+
+ADAPTERS = {a.name: a for a in (Tokenwire, Llguidance, Xgrammar, Outlines)}
+
+
+# ---- one schema (in a forked child) ----------------------------------------------------------
+
+
+def run_schema(ad: Adapter, schema: Any, insts: list[tuple[bool, list[int]]]) -> dict[str, Any]:
+    t0 = time.perf_counter_ns()
+    try:
+        compiled = ad.compile(schema)
+    except Exception as e:
+        return {"status": "compile_error", "error": str(e)[:300]}
+    res: dict[str, Any] = {"status": "ok", "compile_us": (time.perf_counter_ns() - t0) / 1e3}
+    mask_ns: list[int] = []
+    commit_ns: list[int] = []
+    val = inval = 0
+    pc = time.perf_counter_ns
+    for valid, ids in insts:
+        st = ad.state(compiled)
+        ok = True
+        for t in ids:
+            a = pc()
+            ad.fill(st)
+            b = pc()
+            mask_ns.append(b - a)
+            if not ad.allowed(t):
+                ok = False
+                break
+            a = pc()
+            c = ad.commit(st, t)
+            commit_ns.append(pc() - a)
+            if not c:
+                ok = False
+                break
+        accepted = ok and ad.accepting(st)
+        if valid and not accepted:
+            val += 1
+        if not valid and accepted:
+            inval += 1
+    res.update(
+        mask_us=[x / 1e3 for x in mask_ns],
+        commit_us=[x / 1e3 for x in commit_ns],
+        validation_errors=val,
+        invalidation_errors=inval,
+    )
+    return res
+
+
+def forked(fn: Any, timeout: float, mem_bytes: int) -> dict[str, Any]:
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            resource.setrlimit(resource.RLIMIT_AS, (mem_bytes, mem_bytes))
+            out = fn()
+        except MemoryError:
+            out = {"status": "oom"}
+        except BaseException as e:
+            out = {"status": "crash", "error": repr(e)[:300]}
+        data = json.dumps(out).encode()
+        with os.fdopen(w, "wb") as f:
+            f.write(data)
+        os._exit(0)
+    os.close(w)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    status = None
+    with os.fdopen(r, "rb") as f:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                status = "timeout"
+                break
+            ready, _, _ = select.select([f], [], [], left)
+            if ready:
+                c = os.read(f.fileno(), 1 << 20)
+                if not c:
+                    break
+                chunks.append(c)
+    if status == "timeout":
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        return {"status": "timeout"}
+    _, code = os.waitpid(pid, 0)
+    if not chunks:
+        # Killed by the kernel (RLIMIT_AS turns most blow-ups into aborts) or a segfault.
+        return {
+            "status": "oom"
+            if os.WIFSIGNALED(code) and os.WTERMSIG(code) in (signal.SIGKILL, signal.SIGABRT)
+            else "crash"
+        }
+    out: dict[str, Any] = json.loads(b"".join(chunks))
+    if out.get("status") == "crash" and "memory" in out.get("error", "").lower():
+        out["status"] = "oom"
+    return out
+
+
+def worker(args: argparse.Namespace) -> None:
+    spec = gv.load(args.vocab)
+    ad = ADAPTERS[args.worker](spec)
+    schemas = select_schemas(args.limit, args.seed)
+    with open(args.out, "w") as out:
+        for s in schemas:
+            insts = [(v, spec.encode(text)) for v, text in gr.instances(s)]
+            res = forked(
+                lambda s=s, insts=insts: run_schema(ad, s.schema, insts), args.timeout, int(args.mem_gb * (1 << 30))
+            )
+            res["name"] = s.name
+            res["n_valid"] = sum(v for v, _ in insts)
+            res["n_invalid"] = sum(not v for v, _ in insts)
+            out.write(json.dumps(res) + "\n")
+            out.flush()
+
+
+def select_schemas(limit: int | None, seed: int) -> list[gr.Schema]:
+    schemas = gr.load_maskbench()
+    if limit and limit < len(schemas):
+        schemas = sorted(random.Random(seed).sample(schemas, limit), key=lambda s: s.name)
+    return schemas
+
+
+# ---- aggregation -----------------------------------------------------------------------------
+
+
+def pct(xs: np.ndarray, q: float) -> float:
+    return float(np.percentile(xs, q)) if xs.size else float("nan")
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [r for r in rows if r["status"] == "ok"]
+    comp = np.array([r["compile_us"] for r in ok])
+    mask = np.array([x for r in ok for x in r["mask_us"]])
+    commit = np.array([x for r in ok for x in r["commit_us"]])
+    val = sum(r["validation_errors"] for r in ok)
+    inval = sum(r["invalidation_errors"] for r in ok)
+    passing = sum(1 for r in ok if r["validation_errors"] == 0 and r["invalidation_errors"] == 0)
+    return {
+        "schemas": len(rows),
+        "passing": passing,
+        "compile_errors": sum(r["status"] == "compile_error" for r in rows),
+        "timeouts": sum(r["status"] == "timeout" for r in rows),
+        "oom": sum(r["status"] == "oom" for r in rows),
+        "crashes": sum(r["status"] == "crash" for r in rows),
+        "validation_errors": val,
+        "invalidation_errors": inval,
+        "compile_us": {k: pct(comp, q) for k, q in (("p50", 50), ("p99", 99), ("max", 100))}
+        | {"mean": float(comp.mean()) if comp.size else float("nan")},
+        "mask_us": {k: pct(mask, q) for k, q in (("p50", 50), ("p90", 90), ("p99", 99), ("p99.9", 99.9), ("max", 100))}
+        | {"mean": float(mask.mean()) if mask.size else float("nan"), "count": int(mask.size)},
+        "commit_us": {k: pct(commit, q) for k, q in (("p50", 50), ("p99", 99), ("max", 100))},
+    }
+
+
+def fmt(x: float) -> str:
+    if x != x:
+        return "-"
+    return f"{x:.1f}" if x < 100 else f"{x:,.0f}"
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    head = (
+        "| vocab / engine | pass | cerr | t/o | oom | val | inval | compile p50 / p99 / max (µs) "
+        "| mask p50 / p99 / p99.9 / max / mean (µs) |"
+    )
+    lines = [head, "|" + "---|" * 9]
+    for key, s in results.items():
+        c, m = s["compile_us"], s["mask_us"]
+        lines.append(
+            f"| {key} | {s['passing']}/{s['schemas']} | {s['compile_errors']} | {s['timeouts']} "
+            f"| {s['oom'] + s['crashes']} "
+            f"| {s['validation_errors']} | {s['invalidation_errors']} "
+            f"| {fmt(c['p50'])} / {fmt(c['p99'])} / {fmt(c['max'])} "
+            f"| {fmt(m['p50'])} / {fmt(m['p99'])} / {fmt(m['p99.9'])} / {fmt(m['max'])} / {fmt(m['mean'])} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vocabs", default="tekken,sentencepiece")
+    p.add_argument("--engines", default=",".join(ENGINES))
+    p.add_argument("--limit", type=int, default=None, help="seeded subset of this many schemas")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per schema (compile + replay)")
+    p.add_argument("--mem-gb", type=float, default=8.0, help="address-space cap per schema")
+    p.add_argument(
+        "--peers", default=os.environ.get("GUIDED_PEERS", "/work/guided-peers"), help="extra PYTHONPATH for the peers"
+    )
+    p.add_argument("--out", default=os.path.join(HERE, "results", "guided.json"))
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--vocab", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    env = dict(os.environ, RAYON_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    if args.peers and os.path.isdir(args.peers):
+        env["PYTHONPATH"] = os.pathsep.join(x for x in (env.get("PYTHONPATH"), args.peers) if x)
+    results: dict[str, dict[str, Any]] = {}
+    per_schema: dict[str, list[dict[str, Any]]] = {}
+    for vocab in args.vocabs.split(","):
+        for engine in args.engines.split(","):
+            key = f"{vocab} / {engine}"
+            with tempfile.NamedTemporaryFile("r", suffix=".jsonl", delete=False) as tmp:
+                path = tmp.name
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                engine,
+                "--vocab",
+                vocab,
+                "--out",
+                path,
+                "--seed",
+                str(args.seed),
+                "--timeout",
+                str(args.timeout),
+                "--mem-gb",
+                str(args.mem_gb),
+            ]
+            if args.limit:
+                cmd += ["--limit", str(args.limit)]
+            t0 = time.time()
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            with open(path) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            os.unlink(path)
+            if proc.returncode != 0:
+                print(f"{key}: worker failed ({proc.returncode}): {proc.stderr[-2000:]}", file=sys.stderr)
+                if not rows:
+                    continue
+            results[key] = summarise(rows) | {"wall_s": round(time.time() - t0, 1)}
+            per_schema[key] = [{k: v for k, v in r.items() if k not in ("mask_us", "commit_us")} for r in rows]
+            print(f"{key}: done in {results[key]['wall_s']} s", file=sys.stderr, flush=True)
+    print(table(results))
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(
+            {
+                "machine": {
+                    "platform": platform.platform(),
+                    "processor": platform.processor(),
+                    "cpus": os.cpu_count(),
+                    "python": sys.version.split()[0],
+                },
+                "args": {k: v for k, v in vars(args).items() if k not in ("worker", "vocab")},
+                "protocol": "MaskBench on maskbench-dev; one thread; per-schema fork with timeout and "
+                "RLIMIT_AS; whitespace: one optional space between JSON tokens",
+                "summary": results,
+                "per_schema": per_schema,
+            },
+            f,
+            indent=1,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tokenwire-installed
 RUST_SRC := $(shell find sampler_rs/src -name '*.rs' 2>/dev/null) sampler_rs/Cargo.toml sampler_rs/Cargo.lock
 
-.PHONY: install up test check lint typecheck proto proto-check rust-check pytest bench bench-sampler bench-gateway clean
+.PHONY: install up test check lint typecheck proto proto-check rust-check pytest helm-check bench bench-sampler bench-gateway clean
 
 $(STAMP): pyproject.toml scripts/install.sh $(RUST_SRC)
 	./scripts/install.sh
@@ -19,7 +19,7 @@ up: install
 	$(VENV)/bin/tokenwire up $(if $(MODEL),--model $(MODEL),)
 
 ## Everything CI runs: stub freshness, lint, types, Rust checks and tests, Python tests.
-test: install proto-check lint typecheck rust-check pytest
+test: install proto-check lint typecheck rust-check helm-check pytest
 
 check: test
 
@@ -30,8 +30,8 @@ proto-check: install
 	$(PY) scripts/gen_proto.py --check
 
 lint: install
-	$(VENV)/bin/ruff check service gateway tests scripts bench
-	$(VENV)/bin/ruff format --check service gateway tests scripts bench
+	$(VENV)/bin/ruff check service gateway tests scripts bench helm
+	$(VENV)/bin/ruff format --check service gateway tests scripts bench helm
 
 typecheck: install
 	$(VENV)/bin/mypy
@@ -42,8 +42,12 @@ rust-check:
 	cd sampler_rs && cargo clippy --all-targets --features python -- -D warnings
 	cd sampler_rs && cargo test --release
 
+## Chart + image checks: helm lint, rendered-manifest tests, kubernetes-validate, hadolint, clean-venv install.
+helm-check: install
+	./scripts/helm_check.sh
+
 pytest: install
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest --ignore=tests/test_helm.py
 
 clean:
 	rm -rf $(VENV) target sampler_rs/target

@@ -1,9 +1,10 @@
 """tokenwire's token sampler: logits processing and seeded sampling, one call per engine step.
 
-The pipeline, per row: raw log-softmax (reported logprobs) -> logit bias -> EOS masking
-(`min_tokens`, `ignore_eos`) -> repetition penalty -> frequency/presence penalties -> greedy
+The pipeline, per row: raw log-softmax (reported logprobs) -> logit bias -> guided-decoding mask
+(rows added with a `Guide`) -> EOS masking (`min_tokens`, `ignore_eos`; skipped when the guide
+allows only EOS) -> repetition penalty -> frequency/presence penalties -> greedy
 shortcut (`temperature == 0`) -> temperature -> top-k -> top-p -> min-p -> sample with the
-sequence's seeded RNG.
+sequence's seeded RNG -> advance the row's guide by the chosen token.
 """
 
 from typing import final
@@ -87,6 +88,11 @@ class StepOutput:
     @property
     def top_logprobs(self) -> list[tuple[int, float]]:
         """The best `top_logprobs` tokens of the raw `log_softmax`, best first, ties by lower id."""
+    @property
+    def guide_finished(self) -> bool:
+        """The row is guided and, after advancing by the chosen token, its guide is finished
+        (the text is complete and nothing may follow) or the token is EOS: stop the sequence.
+        False for unguided rows."""
 
 @final
 class Sampler:
@@ -96,8 +102,13 @@ class Sampler:
         """`vocab_size` real tokens; logits rows may be wider (padding columns are never sampled)."""
     @property
     def vocab_size(self) -> int: ...
-    def add_sequence(self, seq_id: int, params: SamplingParams, prompt_token_ids: list[int]) -> None:
-        """Registers a sequence; ValueError if `seq_id` exists or a token id is out of range."""
+    def add_sequence(
+        self, seq_id: int, params: SamplingParams, prompt_token_ids: list[int], guide: Guide | None = None
+    ) -> None:
+        """Registers a sequence; ValueError if `seq_id` exists, a token id is out of range, or
+        `guide`'s vocabulary is longer than `vocab_size`. With a `guide` the sampler owns the
+        sequence's `GuideState`: each step masks the tokens the guide does not allow (tokens past
+        the guide's vocabulary never are), then advances it by the chosen token."""
     def remove_sequence(self, seq_id: int) -> None:
         """Forgets a sequence; KeyError if it is not registered."""
     def __len__(self) -> int: ...
@@ -105,7 +116,9 @@ class Sampler:
     def step(self, logits: npt.NDArray[np.float32], seq_ids: list[int]) -> list[StepOutput]:
         """Samples one token per row of the C-contiguous `[len(seq_ids), width]` float32 `logits`
         (read without copying, never written) and records it; the GIL is released. ValueError on a
-        bad dtype/shape, an unknown or repeated seq id, or a row where every token is filtered out."""
+        bad dtype/shape, an unknown or repeated seq id, or a row where every token is filtered out
+        (for a guided row: every allowed token). RuntimeError naming the seq id if a guide fails
+        (a bug)."""
 
 def process_logits(
     logits: npt.NDArray[np.float32],
@@ -179,3 +192,59 @@ class GuideState:
         """The text so far is a complete match (EOS allowed)."""
     def is_finished(self) -> bool:
         """EOS was consumed, or the text is a complete match and nothing else may follow."""
+
+# ---- beam search ----------------------------------------------------------------------------
+
+@final
+class BeamHypothesis:
+    """One returned beam-search hypothesis."""
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Generated tokens only (prompt excluded), including a final EOS if it ended with one."""
+    @property
+    def score(self) -> float:
+        """transformers' `sequences_scores` value: `sum_logprobs / len(token_ids) ** length_penalty`."""
+    @property
+    def finished_by_eos(self) -> bool:
+        """The last token is one of `eos_token_ids`."""
+
+@final
+class BeamSearch:
+    """One beam search (batch size 1) with exactly transformers' semantics (`generate(num_beams=k,
+    num_return_sequences=n, length_penalty=..., early_stopping=..., do_sample=False,
+    max_new_tokens=...)`). Per step, per beam: log_softmax -> logit bias -> EOS masking
+    (`min_tokens`/`ignore_eos`, over `eos_token_ids`) -> repetition penalty (prompt + the beam's
+    tokens) -> frequency/presence penalties (the beam's tokens) -> + beam score; then the top
+    `max(2, 1 + len(eos_token_ids)) * num_beams` candidates, finished hypotheses and the early-
+    stopping rule as transformers'. ValueError naming the parameter on bad arguments."""
+
+    def __init__(
+        self,
+        *,
+        num_beams: int,
+        num_return: int,
+        length_penalty: float = 1.0,
+        early_stopping: bool | str = False,
+        eos_token_ids: list[int],
+        max_new_tokens: int,
+        vocab_size: int,
+        params: SamplingParams | None = None,
+        prompt_token_ids: list[int] | None = None,
+    ) -> None:
+        """`early_stopping`: True, False or "never". Only `params`' logit bias, penalties,
+        `min_tokens` and `ignore_eos` are used; its temperature/top-k/top-p/min-p are ignored."""
+    @property
+    def steps(self) -> int:
+        """Steps taken so far (tokens generated per beam)."""
+    def step(self, logits: npt.NDArray[np.float32]) -> tuple[list[int], list[int]]:
+        """One step over the C-contiguous `[num_beams, width]` float32 `logits` (`width >=
+        vocab_size`; padding columns are never chosen; row i = live beam i; at the first step only
+        row 0 is live). Returns `(parent, token)`: for each beam of the next step, the current beam
+        it extends and the token to feed (reorder the KV cache by `parent`). GIL released.
+        ValueError on bad logits; RuntimeError after `is_done()` or on a panic."""
+    def is_done(self) -> bool:
+        """No further step can change the result (early-stopping rule or `max_new_tokens`)."""
+    def finalize(self) -> list[BeamHypothesis]:
+        """The `num_return` best hypotheses, best first. Before `is_done()` (stopping early) the
+        running beams compete too, scored as if they ended now. ValueError before the first step."""

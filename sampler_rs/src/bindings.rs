@@ -11,15 +11,19 @@ use pyo3::exceptions::{PyKeyError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use rayon::prelude::*;
 
+use crate::guide_bindings::PyGuide;
 use crate::sampling::{self, SamplingConfig, SamplingParams, SeqId, StepOutput, TokenId};
 use crate::SamplerError;
 
 fn value_error(e: SamplerError) -> PyErr {
-    PyValueError::new_err(e.to_string())
+    match e {
+        SamplerError::Guide { .. } => PyRuntimeError::new_err(e.to_string()),
+        _ => PyValueError::new_err(e.to_string()),
+    }
 }
 
 /// Runs `f` with the GIL released; a panic becomes `RuntimeError` instead of aborting.
-fn detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> T + Send) -> PyResult<T> {
+pub(crate) fn detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> T + Send) -> PyResult<T> {
     py.detach(|| catch_unwind(AssertUnwindSafe(f)))
         .map_err(|panic| {
             let msg = panic
@@ -70,8 +74,8 @@ fn token_ids(parameter: &'static str, ids: &[i64]) -> PyResult<Vec<TokenId>> {
 
 /// One request's sampling settings, validated at construction; immutable.
 #[pyclass(name = "SamplingParams", module = "sampler_rs", frozen)]
-struct PySamplingParams {
-    inner: Arc<SamplingParams>,
+pub(crate) struct PySamplingParams {
+    pub(crate) inner: Arc<SamplingParams>,
 }
 
 #[pymethods]
@@ -211,6 +215,7 @@ struct PyStepOutput {
     token_id: TokenId,
     logprob: f64,
     top_logprobs: Vec<(TokenId, f64)>,
+    guide_finished: bool,
 }
 
 impl From<StepOutput> for PyStepOutput {
@@ -223,6 +228,7 @@ impl From<StepOutput> for PyStepOutput {
                 .into_iter()
                 .map(|(t, lp)| (t, f64::from(lp)))
                 .collect(),
+            guide_finished: out.guide_finished,
         }
     }
 }
@@ -231,8 +237,11 @@ impl From<StepOutput> for PyStepOutput {
 impl PyStepOutput {
     fn __repr__(&self) -> String {
         format!(
-            "StepOutput(token_id={}, logprob={}, top_logprobs={:?})",
-            self.token_id, self.logprob, self.top_logprobs
+            "StepOutput(token_id={}, logprob={}, top_logprobs={:?}, guide_finished={})",
+            self.token_id,
+            self.logprob,
+            self.top_logprobs,
+            if self.guide_finished { "True" } else { "False" }
         )
     }
 }
@@ -256,16 +265,19 @@ impl PySampler {
         self.inner.vocab_size()
     }
 
+    #[pyo3(signature = (seq_id, params, prompt_token_ids, guide=None))]
     fn add_sequence(
         &mut self,
         seq_id: SeqId,
         params: &Bound<'_, PySamplingParams>,
         prompt_token_ids: Vec<i64>,
+        guide: Option<&Bound<'_, PyGuide>>,
     ) -> PyResult<()> {
         let prompt = token_ids("prompt_token_ids", &prompt_token_ids)?;
         let params = params.get().inner.clone();
+        let guide = guide.map(|g| &g.get().inner);
         self.inner
-            .add_sequence(seq_id, params, &prompt)
+            .add_guided_sequence(seq_id, params, &prompt, guide)
             .map_err(value_error)
     }
 
@@ -369,6 +381,7 @@ fn sampler_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PySampler>()?;
     m.add_function(wrap_pyfunction!(process_logits, m)?)?;
     crate::guide_bindings::register(m)?;
+    crate::beam_bindings::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -3,7 +3,8 @@
 use crate::sampling::{SeqId, TokenId};
 
 /// Everything that can go wrong in the sampler. Bindings map each variant to one Python exception
-/// (`UnknownSequence` in `remove_sequence` → `KeyError`, everything else → `ValueError`).
+/// (`UnknownSequence` in `remove_sequence` → `KeyError`, `Guide` → `RuntimeError`, everything
+/// else → `ValueError`).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SamplerError {
     /// A sampling parameter is out of range; `parameter` is its name as the API spells it.
@@ -39,6 +40,15 @@ pub enum SamplerError {
     /// Every token of a row was filtered out (all scores -inf or NaN), so nothing can be sampled.
     #[error("no token can be sampled for sequence {0}: every processed score is -inf or NaN")]
     NoCandidates(SeqId),
+    /// A guide's matcher failed (computing a mask, or advancing by the chosen token, which the
+    /// mask allowed): a bug, not a bad request. The bindings raise `RuntimeError`.
+    #[error("guided decoding failed for sequence {seq_id}: {message}")]
+    Guide {
+        /// The sequence whose guide failed.
+        seq_id: SeqId,
+        /// What failed.
+        message: String,
+    },
 }
 
 /// The crate's result type.

@@ -1,31 +1,17 @@
 //! The guided-decoding classes of the `sampler_rs` module: `Vocabulary`, `Guide`, `GuideState`,
 //! thin wrappers over [`crate::guide`] (compiles release the GIL; errors become `ValueError`).
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
-
 use numpy::{PyArray1, PyArrayMethods};
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
+use crate::bindings::detached;
 use crate::guide::{self, GuideError, GuideSpec};
 use crate::sampling::TokenId;
 
 fn value_error(e: GuideError) -> PyErr {
     PyValueError::new_err(e.to_string())
-}
-
-/// Runs `f` with the GIL released; a panic becomes `RuntimeError`.
-fn detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> T + Send) -> PyResult<T> {
-    py.detach(|| catch_unwind(AssertUnwindSafe(f)))
-        .map_err(|panic| {
-            let msg = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".to_string());
-            PyRuntimeError::new_err(format!("sampler_rs panicked: {msg}"))
-        })
 }
 
 fn ids(parameter: &str, v: Vec<i64>) -> PyResult<Vec<TokenId>> {

@@ -10,10 +10,13 @@
 //! [`SamplerError`] into Python exceptions.
 #![deny(missing_docs)]
 
+pub mod beam;
 mod error;
 pub mod guide;
 pub mod sampling;
 
+#[cfg(feature = "python")]
+mod beam_bindings;
 #[cfg(feature = "python")]
 mod bindings;
 #[cfg(feature = "python")]

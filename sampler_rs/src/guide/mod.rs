@@ -39,7 +39,7 @@ mod trie;
 mod vocab;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::sync::{Arc, Mutex};
 
@@ -185,6 +185,21 @@ impl Guide {
     /// The size of the vocabulary this guide was compiled for.
     pub fn vocab_len(&self) -> usize {
         self.inner.vocab.len()
+    }
+
+    /// Whether `mask` (a mask of this guide's states) allows some EOS token and nothing else:
+    /// the text is complete and the constraint lets nothing follow.
+    pub fn allows_only_eos(&self, mask: &[u32]) -> bool {
+        let eos = self.inner.vocab.eos_mask();
+        let mut any_eos = false;
+        for (i, &w) in mask.iter().enumerate() {
+            let e = eos.get(i).copied().unwrap_or(0);
+            if w & !e != 0 {
+                return false;
+            }
+            any_eos |= w & e != 0;
+        }
+        any_eos
     }
 
     /// Number of live DFA states (`None` for the llguidance engine); for tests and stats.

@@ -14,7 +14,7 @@ use crate::guide::mask;
 /// The toy vocabulary: 0 `<unk>`, 1 `<s>`, 2 `</s>` (EOS), 3 `<pad>` (special, given bytes that
 /// would otherwise match), then every single byte (ids 4..260), then multi-byte tokens,
 /// including ones that end or start inside a UTF-8 character and a duplicate.
-fn toy_tokens() -> Vec<Vec<u8>> {
+pub(crate) fn toy_tokens() -> Vec<Vec<u8>> {
     let mut v: Vec<Vec<u8>> = vec![
         b"<unk>".to_vec(),
         b"<s>".to_vec(),
@@ -58,7 +58,7 @@ fn toy_tokens() -> Vec<Vec<u8>> {
     v
 }
 
-fn toy_vocab() -> Vocabulary {
+pub(crate) fn toy_vocab() -> Vocabulary {
     Vocabulary::new(&toy_tokens(), &[2], &[0, 1, 3]).unwrap()
 }
 

@@ -9,14 +9,20 @@
 //!    `top_logprobs` best tokens (ties: lower id first). The reported logprobs come from here,
 //!    *before* any processing, as OpenAI and vLLM report them.
 //! 2. **logit bias** — `x += bias` for the listed tokens.
-//! 3. *(slot: guided-decoding mask, later)*
+//! 3. **guided-decoding mask** — for a sequence added with a [`Guide`]: its [`GuideState`] fills
+//!    the allowed-token bitmask (into per-thread scratch) and every token it does not allow
+//!    becomes `-inf`, in one pass ([`row::RowView::apply_mask`]). Tokens at or past the
+//!    guide vocabulary's length are never allowed. EOS (the guide vocabulary's EOS ids) is
+//!    allowed exactly when the guide accepts.
 //! 4. **EOS masking** — `eos_token_ids` set to `-inf` while fewer than `min_tokens` tokens were
-//!    generated, or always with `ignore_eos`.
+//!    generated, or always with `ignore_eos`. Skipped for a guided row whose mask allows EOS
+//!    and nothing else (the constraint is complete: it wins, or no token would be left).
 //! 5. **repetition penalty** — transformers' `RepetitionPenaltyLogitsProcessor` over each distinct
 //!    token of prompt + generated: `x * p` if `x < 0` else `x / p`.
 //! 6. **frequency and presence penalties** — OpenAI's, over generated tokens only:
 //!    `x -= count * frequency + (count > 0) * presence`.
-//! 7. **greedy shortcut** — with `temperature == 0`, the argmax (ties: lowest id) and stop.
+//! 7. **greedy shortcut** — with `temperature == 0`, the argmax (ties: lowest id) and stop; a
+//!    guided row whose allowed tokens are all `-inf` or NaN is an error, as when sampling.
 //! 8. **temperature** — `s = x / temperature` (applied lazily, to the tokens the filters read).
 //! 9. **top-k** — transformers' `TopKLogitsWarper`: keep `s >= ` the k-th largest (ties kept).
 //! 10. **top-p** — transformers' `TopPLogitsWarper`: keep the shortest best-first prefix whose
@@ -26,7 +32,11 @@
 //! 12. **sample** — from the softmax of what remains, with the sequence's own seeded RNG (one
 //!     draw per step, greedy or not), so a sequence's tokens depend only on its seed and its rows.
 //!
-//! Then the chosen token is recorded in the sequence's state (penalty counts, generated length).
+//! Then the chosen token is recorded in the sequence's state (penalty counts, generated length),
+//! and a guided sequence's [`GuideState`] advances by it; [`StepOutput::guide_finished`] tells
+//! whether the guide is then finished (complete with nothing allowed to follow, or EOS chosen).
+//! Stages 9–12 on a guided row therefore see only the allowed tokens (top-k of the allowed, and
+//! so on), and logprobs stay those of the raw row (stage 1), as for unguided rows.
 //! A stage whose parameter is off is skipped. Stages 2–6 touch a few tokens through a
 //! copy-on-write [`row::RowView`]; the caller's buffer is never written. With top-k on, stages
 //! 9–12 read only the chunks that can hold the k best tokens, so a step reads each row once.
@@ -42,7 +52,7 @@ pub mod row;
 pub mod stages;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use rayon::prelude::*;
 
@@ -50,6 +60,7 @@ pub use params::{SamplingConfig, SamplingParams, MAX_TOP_LOGPROBS, MIN_TEMPERATU
 pub use rng::Rng;
 
 use crate::error::{Result, SamplerError};
+use crate::guide::{Guide, GuideState};
 use row::{LogSumExp, RowBuffers, RowView, TopN};
 use stages::Candidate;
 
@@ -70,10 +81,14 @@ pub struct StepOutput {
     pub logprob: f32,
     /// The best `top_logprobs` tokens of the raw `log_softmax`, best first, ties by lower id.
     pub top_logprobs: Vec<(TokenId, f32)>,
+    /// The row is guided and, after advancing by the chosen token, its guide is finished (the
+    /// text is complete and nothing may follow), or the chosen token is EOS. `false` for an
+    /// unguided row.
+    pub guide_finished: bool,
 }
 
 /// The state one sequence carries between steps.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct SequenceState {
     params: Arc<SamplingParams>,
     /// Distinct tokens of prompt + generated; kept only when the repetition penalty is on.
@@ -82,6 +97,15 @@ pub struct SequenceState {
     counts: HashMap<TokenId, u32>,
     generated: usize,
     rng: Rng,
+    /// The sequence's position in its guide. The lock is never contended (a step touches a
+    /// row's state from one thread at a time; rows are distinct sequences); it only lets rows
+    /// run in parallel over a shared map.
+    guide: Option<Mutex<GuideState>>,
+}
+
+/// Locks a guide state; a poisoned lock (a panic in an earlier step) is taken over as is.
+fn lock(g: &Mutex<GuideState>) -> MutexGuard<'_, GuideState> {
+    g.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl SequenceState {
@@ -99,7 +123,25 @@ impl SequenceState {
             counts: HashMap::new(),
             generated: 0,
             rng,
+            guide: None,
         }
+    }
+
+    /// A fresh sequence constrained by `guide` (its own [`GuideState`], at the guide's start).
+    pub fn with_guide(
+        params: Arc<SamplingParams>,
+        prompt_token_ids: &[TokenId],
+        guide: &Guide,
+    ) -> Self {
+        Self {
+            guide: Some(Mutex::new(GuideState::new(guide))),
+            ..Self::new(params, prompt_token_ids)
+        }
+    }
+
+    /// Whether the sequence is guided.
+    pub fn is_guided(&self) -> bool {
+        self.guide.is_some()
     }
 
     /// Records a generated token.
@@ -116,11 +158,14 @@ impl SequenceState {
         &self.params
     }
 
-    /// Stages 2–6: bias, EOS mask, penalties.
-    fn apply_edits(&self, view: &mut RowView<'_>) {
+    /// Stages 2–6: bias, guide mask (`mask`, filled by the sequence's guide), EOS mask,
+    /// penalties.
+    fn apply_edits(&self, view: &mut RowView<'_>, mask: Option<&[u32]>) {
         let p = &*self.params;
         let mut edits = p.logit_bias().len();
-        if p.masks_eos(self.generated) {
+        let masks_eos = p.masks_eos(self.generated)
+            && !matches!((mask, &self.guide), (Some(m), Some(g)) if lock(g).guide().allows_only_eos(m));
+        if masks_eos {
             edits += p.config().eos_token_ids.len();
         }
         if p.repetition_penalty().is_some() {
@@ -135,7 +180,10 @@ impl SequenceState {
         if !p.logit_bias().is_empty() {
             stages::apply_logit_bias(view, p.logit_bias());
         }
-        if p.masks_eos(self.generated) {
+        if let Some(mask) = mask {
+            view.apply_mask(mask);
+        }
+        if masks_eos {
             stages::mask_tokens(view, p.eos_token_ids());
         }
         if let Some(penalty) = p.repetition_penalty() {
@@ -165,6 +213,8 @@ struct Scratch {
     cands: Vec<Candidate>,
     floats: Vec<f32>,
     weights: Vec<f32>,
+    /// A guided row's allowed-token bitmask, `2 * chunks` words.
+    mask: Vec<u32>,
 }
 
 /// The tokens left after stages 8–11: all of them, or an explicit list.
@@ -219,10 +269,27 @@ fn sample_row(
         cands,
         floats,
         weights,
+        mask,
     } = scratch;
+    let mask = match &seq.guide {
+        None => None,
+        Some(g) => {
+            // Two words per chunk; the guide clears every word past its vocabulary.
+            mask.resize(2 * raw.len().div_ceil(row::CHUNK), 0);
+            lock(g).fill_mask(mask).map_err(|e| SamplerError::Guide {
+                seq_id,
+                message: format!("computing the token mask: {e}"),
+            })?;
+            Some(&mask[..])
+        }
+    };
     let (mut view, lse): (RowView<'_>, LogSumExp) = RowView::new(raw, row, &mut top);
-    seq.apply_edits(&mut view);
+    seq.apply_edits(&mut view, mask);
     let token = if p.is_greedy() {
+        let m = view.max();
+        if mask.is_some() && (m == f32::NEG_INFINITY || m.is_nan()) {
+            return Err(SamplerError::NoCandidates(seq_id));
+        }
         stages::argmax(&view)
     } else {
         let t = p.temperature();
@@ -240,6 +307,7 @@ fn sample_row(
             .iter()
             .map(|&(t, x)| (t, lse.logprob(x)))
             .collect(),
+        guide_finished: false,
     })
 }
 
@@ -262,9 +330,10 @@ pub fn process_row(
         cands,
         floats,
         weights,
+        ..
     } = &mut Scratch::default();
     let (mut view, _) = RowView::new(raw, row, &mut top);
-    seq.apply_edits(&mut view);
+    seq.apply_edits(&mut view, None);
     let p = &*seq.params;
     if p.is_greedy() {
         return (0..raw.len()).map(|i| view.get(i as TokenId)).collect();
@@ -287,6 +356,8 @@ pub fn process_row(
 pub struct Sampler {
     vocab_size: usize,
     sequences: HashMap<SeqId, SequenceState>,
+    /// How many registered sequences are guided (a step skips the guide pass when none is).
+    guided: usize,
 }
 
 impl Sampler {
@@ -301,6 +372,7 @@ impl Sampler {
         Ok(Self {
             vocab_size,
             sequences: HashMap::new(),
+            guided: 0,
         })
     }
 
@@ -316,6 +388,19 @@ impl Sampler {
         params: Arc<SamplingParams>,
         prompt_token_ids: &[TokenId],
     ) -> Result<()> {
+        self.add_guided_sequence(seq_id, params, prompt_token_ids, None)
+    }
+
+    /// Registers a sequence before its first step, constrained by `guide` when given: the
+    /// sampler creates and owns the sequence's [`GuideState`]. The guide's vocabulary may be
+    /// shorter than `vocab_size` (tokens past it are never allowed), not longer.
+    pub fn add_guided_sequence(
+        &mut self,
+        seq_id: SeqId,
+        params: Arc<SamplingParams>,
+        prompt_token_ids: &[TokenId],
+        guide: Option<&Guide>,
+    ) -> Result<()> {
         if self.sequences.contains_key(&seq_id) {
             return Err(SamplerError::DuplicateSequence(seq_id));
         }
@@ -330,17 +415,36 @@ impl Sampler {
                 vocab_size: self.vocab_size,
             });
         }
-        self.sequences
-            .insert(seq_id, SequenceState::new(params, prompt_token_ids));
+        let seq = match guide {
+            None => SequenceState::new(params, prompt_token_ids),
+            Some(g) => {
+                if g.vocab_len() > self.vocab_size {
+                    return Err(SamplerError::InvalidParameter {
+                        parameter: "guide",
+                        message: format!(
+                            "was compiled for a vocabulary of {} tokens, more than the \
+                             sampler's vocab_size {}",
+                            g.vocab_len(),
+                            self.vocab_size
+                        ),
+                    });
+                }
+                self.guided += 1;
+                SequenceState::with_guide(params, prompt_token_ids, g)
+            }
+        };
+        self.sequences.insert(seq_id, seq);
         Ok(())
     }
 
     /// Forgets a finished or cancelled sequence.
     pub fn remove_sequence(&mut self, seq_id: SeqId) -> Result<()> {
-        self.sequences
+        let seq = self
+            .sequences
             .remove(&seq_id)
-            .map(drop)
-            .ok_or(SamplerError::UnknownSequence(seq_id))
+            .ok_or(SamplerError::UnknownSequence(seq_id))?;
+        self.guided -= usize::from(seq.is_guided());
+        Ok(())
     }
 
     /// Number of registered sequences.
@@ -360,8 +464,10 @@ impl Sampler {
 
     /// One engine step: `logits` is `[seq_ids.len(), width]`, row-major, `width >= vocab_size`;
     /// row `i` belongs to `seq_ids[i]`. Runs the pipeline (see the module docs) on every row,
-    /// in parallel when the batch is large, and records the chosen tokens. On error nothing is
-    /// recorded and no RNG advances.
+    /// in parallel when the batch is large, records the chosen tokens and advances the guided
+    /// rows' guides. On an error of the pipeline nothing is recorded, no RNG and no guide
+    /// advances. A guide that fails to advance by a token its own mask allowed (a bug,
+    /// [`SamplerError::Guide`]) fails the step after every row was recorded.
     pub fn step(
         &mut self,
         logits: &[f32],
@@ -404,7 +510,7 @@ impl Sampler {
             sample_row(row, id, &sequences[&id], draws[i].0, scratch)
         };
         let run = |i: usize| SCRATCH.with_borrow_mut(|scratch| run(scratch, i));
-        let outputs: Vec<StepOutput> =
+        let mut outputs: Vec<StepOutput> =
             if seq_ids.len() > 1 && seq_ids.len() * vocab >= PARALLEL_MIN_ELEMENTS {
                 (0..seq_ids.len())
                     .into_par_iter()
@@ -413,14 +519,55 @@ impl Sampler {
             } else {
                 (0..seq_ids.len()).map(run).collect::<Result<_>>()?
             };
+        let advanced = if self.guided > 0 {
+            self.advance_guides(seq_ids, &mut outputs)
+        } else {
+            Ok(())
+        };
         for ((id, out), (_, rng)) in seq_ids.iter().zip(&outputs).zip(draws) {
             let seq = self.sequences.get_mut(id).expect("checked above");
             seq.rng = rng;
             seq.record(out.token_id);
         }
-        Ok(outputs)
+        advanced.map(|()| outputs)
+    }
+
+    /// Advances each guided row's guide by its chosen token and sets `guide_finished`; rows
+    /// run in parallel when more than one is guided. The first failure is returned, after
+    /// every other row advanced.
+    fn advance_guides(&self, seq_ids: &[SeqId], outputs: &mut [StepOutput]) -> Result<()> {
+        let sequences = &self.sequences;
+        let advance = |(&id, out): (&SeqId, &mut StepOutput)| -> Result<()> {
+            let seq = &sequences[&id];
+            let Some(g) = &seq.guide else {
+                return Ok(());
+            };
+            let mut g = lock(g);
+            let token = out.token_id;
+            if !g.advance(token) {
+                return Err(SamplerError::Guide {
+                    seq_id: id,
+                    message: format!("the guide refused token {token}, which its mask allowed"),
+                });
+            }
+            out.guide_finished = g.is_finished() || seq.params.eos_token_ids().any(|e| e == token);
+            Ok(())
+        };
+        let in_batch = seq_ids
+            .iter()
+            .filter(|id| sequences[id].is_guided())
+            .take(2)
+            .count();
+        let results: Vec<Result<()>> = if in_batch > 1 {
+            seq_ids.par_iter().zip(outputs).map(advance).collect()
+        } else {
+            seq_ids.iter().zip(outputs).map(advance).collect()
+        };
+        results.into_iter().collect()
     }
 }
 
+#[cfg(test)]
+mod guided_tests;
 #[cfg(test)]
 mod tests;

@@ -174,15 +174,35 @@ fn kth_largest_select(xs: &[f32], k: usize) -> f32 {
     })
 }
 
+/// `slot` of a chunk that reads the caller's buffer.
+const UNPATCHED: u32 = u32::MAX;
+
 /// The reusable storage behind a [`RowView`], kept per thread so that steps do not allocate.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RowBuffers {
-    /// For each chunk, its slot in `patches`, or `u32::MAX` when unpatched.
+    /// For each chunk, its slot in `patches`, or [`UNPATCHED`].
     slot: Vec<u32>,
     patches: Vec<f32>,
+    /// The chunks that own a patch slot (their maxima are recomputed by `finish_edits`).
     patched: Vec<u32>,
+    /// The slot of the shared all-`-inf` chunk that fully masked chunks read, [`UNPATCHED`]
+    /// while there is none. Such chunks are not in `patched`: a write copies them first.
+    dead_slot: u32,
     chunk_max: Vec<f32>,
     tmp: Vec<f32>,
+}
+
+impl Default for RowBuffers {
+    fn default() -> Self {
+        Self {
+            slot: Vec::new(),
+            patches: Vec::new(),
+            patched: Vec::new(),
+            dead_slot: UNPATCHED,
+            chunk_max: Vec::new(),
+            tmp: Vec::new(),
+        }
+    }
 }
 
 /// One logits row: the caller's values plus copy-on-write patches, chunk by chunk.
@@ -197,14 +217,15 @@ impl<'a> RowView<'a> {
     /// Scans `raw` once: chunk maxima, the raw log-sum-exp, and the top `top.n` entries.
     pub fn new(raw: &'a [f32], buf: &'a mut RowBuffers, top: &mut TopN) -> (Self, LogSumExp) {
         let n_chunks = raw.len().div_ceil(CHUNK);
-        if buf.slot.len() == n_chunks {
+        if buf.slot.len() == n_chunks && buf.dead_slot == UNPATCHED {
             for &c in &buf.patched {
-                buf.slot[c as usize] = u32::MAX;
+                buf.slot[c as usize] = UNPATCHED;
             }
         } else {
             buf.slot.clear();
-            buf.slot.resize(n_chunks, u32::MAX);
+            buf.slot.resize(n_chunks, UNPATCHED);
         }
+        buf.dead_slot = UNPATCHED;
         buf.patched.clear();
         buf.patches.clear();
         buf.chunk_max.clear();
@@ -239,7 +260,7 @@ impl<'a> RowView<'a> {
     pub fn chunk(&self, c: usize) -> &[f32] {
         let len = CHUNK.min(self.raw.len() - c * CHUNK);
         match self.buf.slot[c] {
-            u32::MAX => &self.raw[c * CHUNK..c * CHUNK + len],
+            UNPATCHED => &self.raw[c * CHUNK..c * CHUNK + len],
             s => &self.buf.patches[s as usize * CHUNK..s as usize * CHUNK + len],
         }
     }
@@ -266,17 +287,83 @@ impl<'a> RowView<'a> {
     /// Sets token `i`, copying its chunk into the patch area on first write.
     pub fn set(&mut self, i: TokenId, v: f32) {
         let i = i as usize;
-        let c = i / CHUNK;
-        if self.buf.slot[c] == u32::MAX {
-            self.buf.slot[c] = self.buf.patched.len() as u32;
-            self.buf.patched.push(c as u32);
-            let len = CHUNK.min(self.raw.len() - c * CHUNK);
-            self.buf
-                .patches
-                .extend_from_slice(&self.raw[c * CHUNK..c * CHUNK + len]);
-            self.buf.patches.resize(self.buf.patched.len() * CHUNK, 0.0);
+        let s = self.own_chunk(i / CHUNK);
+        self.buf.patches[s * CHUNK + i % CHUNK] = v;
+    }
+
+    /// The patch slot of chunk `c`, copying the chunk's current values into a fresh slot first
+    /// when it has none of its own (it reads the caller's buffer or the shared `-inf` chunk).
+    #[inline]
+    fn own_chunk(&mut self, c: usize) -> usize {
+        let buf = &mut *self.buf;
+        let s = buf.slot[c];
+        if s != UNPATCHED && s != buf.dead_slot {
+            return s as usize;
         }
-        self.buf.patches[self.buf.slot[c] as usize * CHUNK + i % CHUNK] = v;
+        let new = buf.patches.len() / CHUNK;
+        let len = CHUNK.min(self.raw.len() - c * CHUNK);
+        if s == UNPATCHED {
+            buf.patches
+                .extend_from_slice(&self.raw[c * CHUNK..c * CHUNK + len]);
+        }
+        let fill = if s == UNPATCHED {
+            0.0
+        } else {
+            f32::NEG_INFINITY
+        };
+        buf.patches.resize((new + 1) * CHUNK, fill);
+        buf.slot[c] = new as u32;
+        buf.patched.push(c as u32);
+        new
+    }
+
+    /// The guided-decoding mask: every token whose bit is clear in `mask` (bit `t % 32` of word
+    /// `t / 32`; `mask.len() >= 2 * n_chunks()`, bits past the row ignored) becomes `-inf`, in
+    /// one pass over the mask. A chunk with every bit set is left alone; one with none set
+    /// reads a shared `-inf` chunk (no copy) and gets maximum `-inf` at once; a mixed one is
+    /// copied and masked with selects. Call it among the edits, before
+    /// [`RowView::finish_edits`].
+    pub fn apply_mask(&mut self, mask: &[u32]) {
+        let n = self.n_chunks();
+        assert!(mask.len() >= 2 * n, "the mask must cover every chunk");
+        for c in 0..n {
+            let len = CHUNK.min(self.raw.len() - c * CHUNK);
+            let full = if len == CHUNK {
+                u64::MAX
+            } else {
+                (1u64 << len) - 1
+            };
+            let bits = (u64::from(mask[2 * c]) | u64::from(mask[2 * c + 1]) << 32) & full;
+            if bits == full {
+                continue;
+            }
+            if bits == 0 {
+                self.kill_chunk(c);
+                continue;
+            }
+            let s = self.own_chunk(c);
+            let xs = &mut self.buf.patches[s * CHUNK..s * CHUNK + len];
+            for (j, x) in xs.iter_mut().enumerate() {
+                *x = if bits >> j & 1 == 1 {
+                    *x
+                } else {
+                    f32::NEG_INFINITY
+                };
+            }
+        }
+    }
+
+    /// Points chunk `c` at the shared all-`-inf` chunk.
+    fn kill_chunk(&mut self, c: usize) {
+        let buf = &mut *self.buf;
+        if buf.dead_slot == UNPATCHED {
+            let s = buf.patches.len() / CHUNK;
+            buf.patches.resize((s + 1) * CHUNK, f32::NEG_INFINITY);
+            buf.dead_slot = s as u32;
+        }
+        // A chunk patched before keeps its place in `patched`: its maximum is recomputed, as -inf.
+        buf.slot[c] = buf.dead_slot;
+        buf.chunk_max[c] = f32::NEG_INFINITY;
     }
 
     /// Copies the whole row into the patch area at once: cheaper than chunk-by-chunk copies when
@@ -284,9 +371,7 @@ impl<'a> RowView<'a> {
     pub fn patch_all(&mut self) {
         let n = self.n_chunks();
         let buf = &mut *self.buf;
-        for &c in &buf.patched {
-            buf.slot[c as usize] = u32::MAX;
-        }
+        buf.dead_slot = UNPATCHED;
         buf.patches.clear();
         buf.patches.reserve(n * CHUNK);
         buf.patches.extend_from_slice(self.raw);
@@ -377,6 +462,80 @@ mod tests {
         for k in 1..=mixed.len() {
             assert_eq!(kth_largest_select(&mixed, k), sorted[k - 1], "k = {k}");
         }
+    }
+
+    /// `apply_mask` among other edits, against the same edits on a plain vector.
+    #[test]
+    fn mask_matches_naive() {
+        use proptest::prelude::*;
+        use proptest::test_runner::TestRunner;
+        let strategy = (1usize..400, any::<u64>(), 0usize..6, any::<bool>());
+        TestRunner::default()
+            .run(&strategy, |(len, seed, pattern, patch_all)| {
+                let mut rng = crate::sampling::Rng::seed_from_u64(seed);
+                let raw: Vec<f32> = (0..len)
+                    .map(|_| rng.next_f64() as f32 * 8.0 - 4.0)
+                    .collect();
+                let words = 2 * len.div_ceil(CHUNK);
+                // Runs of zero and full words, and mixed ones.
+                let mask: Vec<u32> = (0..words)
+                    .map(|w| match (pattern + w * 7 / 3) % 4 {
+                        0 => 0,
+                        1 => u32::MAX,
+                        _ => rng.next_u64() as u32,
+                    })
+                    .collect();
+                let edits: Vec<(TokenId, f32)> = (0..8)
+                    .map(|_| {
+                        (
+                            (rng.next_u64() % len as u64) as TokenId,
+                            rng.next_f64() as f32,
+                        )
+                    })
+                    .collect();
+                let mut want = raw.clone();
+                let mut buf = RowBuffers::default();
+                // A first, unmasked row through the same buffers: a reused buffer must reset.
+                let (mut view, _) = RowView::new(&raw, &mut buf, &mut TopN::new(0));
+                view.set(0, 99.0);
+                view.finish_edits();
+                let (mut view, _) = RowView::new(&raw, &mut buf, &mut TopN::new(0));
+                if patch_all {
+                    view.patch_all();
+                }
+                for &(t, v) in &edits[..4] {
+                    view.set(t, view.get(t) + v);
+                    want[t as usize] += v;
+                }
+                view.apply_mask(&mask);
+                for (t, x) in want.iter_mut().enumerate() {
+                    if mask[t / 32] >> (t % 32) & 1 == 0 {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+                for &(t, v) in &edits[4..] {
+                    view.set(t, view.get(t) - v);
+                    want[t as usize] -= v;
+                }
+                view.finish_edits();
+                for (t, &w) in want.iter().enumerate() {
+                    prop_assert_eq!(view.get(t as TokenId), w, "token {}", t);
+                }
+                for c in 0..view.n_chunks() {
+                    let m = want[c * CHUNK..len.min((c + 1) * CHUNK)]
+                        .iter()
+                        .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                    prop_assert_eq!(view.chunk_max(c), m, "chunk {}", c);
+                }
+                prop_assert_eq!(raw.iter().all(|x| x.is_finite()), true);
+                // The next row through these buffers starts clean.
+                let (view, _) = RowView::new(&raw, &mut buf, &mut TopN::new(0));
+                for (t, &x) in raw.iter().enumerate() {
+                    prop_assert_eq!(view.get(t as TokenId), x);
+                }
+                Ok(())
+            })
+            .unwrap();
     }
 
     #[test]

@@ -204,8 +204,15 @@ pub fn top_p_dense(
 fn gather(view: &RowView<'_>, t: f32, lo: f32, out: &mut Vec<Candidate>) {
     let pre = lo * t;
     let pre = pre - pre.abs() * 1e-5 - f32::MIN_POSITIVE;
+    // A chunk whose scaled max is -inf (all masked by a guide, say) has nothing of weight to
+    // offer even when `lo` is -inf: the chunk test skips it (its tokens would be kept at -inf).
+    let chunk_lo = if lo == f32::NEG_INFINITY {
+        f32::MIN
+    } else {
+        lo
+    };
     for c in 0..view.n_chunks() {
-        if view.chunk_max(c) / t < lo {
+        if view.chunk_max(c) / t < chunk_lo {
             continue;
         }
         let base = c * CHUNK;

@@ -1,0 +1,176 @@
+//! One beam's row: log-softmax, the processors (steps 1–6 of [`super`]), and its best `K`
+//! continuations, reading the row once plus the few chunks that can hold them.
+//!
+//! Processed scores are computed only for the tokens a processor touches ("edited" tokens) and
+//! for the best unedited ones: every other token's score is `(x - max) - ln_sum + running`,
+//! monotone in its raw logit `x`, so the best unedited tokens are the best raw values once the
+//! edited ones are masked out of the row view.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use crate::sampling::row::{kth_largest, RowBuffers, RowView, TopN, CHUNK};
+use crate::sampling::{SamplingParams, TokenId};
+
+/// What the processors need besides a beam's own history, shared by all beams.
+#[derive(Debug)]
+pub(super) struct Shared {
+    params: Option<Arc<SamplingParams>>,
+    /// Distinct prompt tokens, sorted; kept only when the repetition penalty is on.
+    prompt: Vec<TokenId>,
+}
+
+impl Shared {
+    pub(super) fn new(params: Option<Arc<SamplingParams>>, prompt_token_ids: &[TokenId]) -> Self {
+        let mut prompt = Vec::new();
+        if params
+            .as_ref()
+            .is_some_and(|p| p.repetition_penalty().is_some())
+        {
+            prompt = prompt_token_ids.to_vec();
+            prompt.sort_unstable();
+            prompt.dedup();
+        }
+        Self { params, prompt }
+    }
+}
+
+/// Reusable per-thread buffers.
+#[derive(Debug, Default)]
+struct Scratch {
+    row: RowBuffers,
+    floats: Vec<f32>,
+    /// Edited tokens, sorted, with their processed log-probabilities.
+    edited: Vec<(TokenId, f32)>,
+    ids: Vec<TokenId>,
+    generated: Vec<TokenId>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::default();
+}
+
+fn contains(sorted: &[TokenId], t: TokenId) -> bool {
+    sorted.binary_search(&t).is_ok()
+}
+
+/// The best `keep` continuations of one beam, `(score, token)` best first (ties: lower token),
+/// with `score = processed log-probability + running`. `raw` is the row's first `vocab_size`
+/// logits; `generated` the beam's tokens; `eos` sorted.
+pub(super) fn row_top(
+    raw: &[f32],
+    shared: &Shared,
+    generated: &[TokenId],
+    eos: &[TokenId],
+    running: f32,
+    keep: usize,
+) -> Vec<(f32, TokenId)> {
+    SCRATCH.with_borrow_mut(|s| row_top_in(raw, shared, generated, eos, running, keep, s))
+}
+
+fn row_top_in(
+    raw: &[f32],
+    shared: &Shared,
+    generated: &[TokenId],
+    eos: &[TokenId],
+    running: f32,
+    keep: usize,
+    s: &mut Scratch,
+) -> Vec<(f32, TokenId)> {
+    let Scratch {
+        row,
+        floats,
+        edited,
+        ids,
+        generated: gen_sorted,
+    } = s;
+    let (mut view, lse) = RowView::new(raw, row, &mut TopN::new(0));
+    // torch's CPU log_softmax: `(x - max) - log(sum)`, in f32.
+    let ln_sum = lse.ln_sum as f32;
+    let logprob = |x: f32| (x - lse.max) - ln_sum;
+
+    // Steps 2–5 on the edited tokens only.
+    edited.clear();
+    if let Some(p) = shared.params.as_deref() {
+        let bias = p.logit_bias();
+        let masks_eos = !eos.is_empty()
+            && (p.config().ignore_eos || (generated.len() as i64) < p.config().min_tokens);
+        let rep = p.repetition_penalty();
+        let fp = p.frequency_presence();
+        gen_sorted.clear();
+        if rep.is_some() || fp.is_some() {
+            gen_sorted.extend_from_slice(generated);
+            gen_sorted.sort_unstable();
+        }
+        ids.clear();
+        ids.extend(bias.iter().map(|&(t, _)| t));
+        if masks_eos {
+            ids.extend_from_slice(eos);
+        }
+        if rep.is_some() {
+            ids.extend_from_slice(&shared.prompt);
+        }
+        if rep.is_some() || fp.is_some() {
+            ids.extend_from_slice(gen_sorted);
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        for &t in ids.iter() {
+            let mut v = logprob(raw[t as usize]);
+            if let Ok(i) = bias.binary_search_by_key(&t, |&(b, _)| b) {
+                v += bias[i].1;
+            }
+            if masks_eos && contains(eos, t) {
+                v = f32::NEG_INFINITY;
+            }
+            if let Some(pen) = rep {
+                if contains(&shared.prompt, t) || contains(gen_sorted, t) {
+                    v = if v < 0.0 { v * pen } else { v / pen };
+                }
+            }
+            if let Some((f, pr)) = fp {
+                let lo = gen_sorted.partition_point(|&g| g < t);
+                let n = gen_sorted[lo..].partition_point(|&g| g == t);
+                if n > 0 {
+                    v = v - n as f32 * f - pr;
+                }
+            }
+            edited.push((t, v));
+        }
+        if edited.len() > view.n_chunks() {
+            view.patch_all();
+        }
+        for &(t, _) in edited.iter() {
+            view.set(t, f32::NEG_INFINITY);
+        }
+        view.finish_edits();
+    }
+
+    // The best unedited tokens: every token at or above the `keep`-th largest chunk maximum
+    // (`keep` chunks reach it, so at least `keep` tokens do). With fewer than `keep` chunks
+    // holding a finite value, every token of the row.
+    let thr = kth_largest(view.chunk_maxima(), keep, floats);
+    let mut out: Vec<(f32, TokenId)> = Vec::with_capacity(2 * keep + edited.len());
+    for c in 0..view.n_chunks() {
+        if thr > f32::NEG_INFINITY && view.chunk_max(c) < thr {
+            continue;
+        }
+        let base = c * CHUNK;
+        for (j, &x) in view.chunk(c).iter().enumerate() {
+            let t = (base + j) as TokenId;
+            if (x >= thr || thr == f32::NEG_INFINITY)
+                && !(x == f32::NEG_INFINITY && edited.binary_search_by_key(&t, |&(e, _)| e).is_ok())
+            {
+                out.push((logprob(x) + running, t));
+            }
+        }
+    }
+    out.extend(edited.iter().map(|&(t, v)| (v + running, t)));
+    out.sort_unstable_by(|a, b| {
+        let na = if a.0.is_nan() { f32::NEG_INFINITY } else { a.0 };
+        let nb = if b.0.is_nan() { f32::NEG_INFINITY } else { b.0 };
+        nb.total_cmp(&na).then(a.1.cmp(&b.1))
+    });
+    out.truncate(keep);
+    out
+}

@@ -309,6 +309,12 @@ def _tool_calls(calls: Any) -> list[dict[str, Any]]:
     ]
 
 
+def _head(c: chat_pb2.ChatCompletion | chat_pb2.ChatCompletionChunk) -> dict[str, Any]:
+    """The fields every completion and chunk starts with."""
+    return {"id": c.id, "object": c.object, "created": c.created, "model": c.model,
+            "system_fingerprint": c.system_fingerprint}  # fmt: skip
+
+
 def completion_json(c: chat_pb2.ChatCompletion) -> dict[str, Any]:
     """ChatCompletion -> OpenAI's `chat.completion` object."""
     choices = []
@@ -327,15 +333,7 @@ def completion_json(c: chat_pb2.ChatCompletion) -> dict[str, Any]:
                 "finish_reason": _FINISH_JSON[ch.finish_reason],
             }
         )
-    out: dict[str, Any] = {
-        "id": c.id,
-        "object": c.object,
-        "created": c.created,
-        "model": c.model,
-        "system_fingerprint": c.system_fingerprint,
-        "choices": choices,
-        "usage": _usage(c.usage),
-    }
+    out = {**_head(c), "choices": choices, "usage": _usage(c.usage)}
     if c.prompt_logprobs:
         out["prompt_logprobs"] = [
             {"token": t.token, "logprob": t.logprob, "bytes": list(t.bytes)} for t in c.prompt_logprobs
@@ -378,14 +376,7 @@ def chunk_json(c: chat_pb2.ChatCompletionChunk) -> dict[str, Any]:
                 "finish_reason": _FINISH_JSON[ch.finish_reason],
             }
         )
-    out: dict[str, Any] = {
-        "id": c.id,
-        "object": c.object,
-        "created": c.created,
-        "model": c.model,
-        "system_fingerprint": c.system_fingerprint,
-        "choices": choices,
-    }
+    out = {**_head(c), "choices": choices}
     if c.HasField("usage"):
         out["usage"] = _usage(c.usage)
     return out

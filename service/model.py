@@ -13,7 +13,7 @@ from typing import Any
 from . import __version__, tiny_model
 from . import vocab as vocab_mod
 from .errors import ContextLengthExceeded, FieldViolation, InvalidRequest
-from .params import ChatParams
+from .params import ChatParams, GuideSpec
 from .vocab import Vocabulary
 
 log = logging.getLogger("tokenwire.model")
@@ -34,6 +34,7 @@ class ServedModel:
     created: int
     embedded: bool
     vocab: Vocabulary  # token id -> bytes / text (logprobs, guided decoding)
+    guide_vocab: Any = None  # sampler_rs.Vocabulary: the same bytes, indexed for guides (holds the compile cache)
 
     @property
     def names(self) -> frozenset[str]:
@@ -60,6 +61,31 @@ class ServedModel:
             raise InvalidRequest([FieldViolation(where, "the chat template did not render text", "template_error")])
         ids: list[int] = self.tokenizer.encode(text, add_special_tokens=False)
         return ids
+
+    def compile_guide(self, spec: GuideSpec) -> Any:
+        """Compile (or fetch from the vocabulary's cache) a sampler_rs.Guide; call it off the event loop.
+
+        JSON Schema and grammars run on llguidance inside sampler_rs, regexes and choices on our own DFA engine;
+        `Guide.engine` says which. An invalid or unsupported spec is a 422 naming the field.
+        """
+        import sampler_rs
+
+        vocab = self.guide_vocab
+        try:
+            if spec.kind == "regex":
+                return sampler_rs.Guide.regex(vocab, str(spec.spec))
+            if spec.kind == "choice":
+                return sampler_rs.Guide.choice(vocab, list(spec.spec))
+            if spec.kind == "json_schema":
+                return sampler_rs.Guide.json_schema(vocab, str(spec.spec), spec.whitespace_pattern)
+            if spec.kind == "json_object":
+                return sampler_rs.Guide.json_object(vocab, spec.whitespace_pattern)
+            return sampler_rs.Guide.grammar(vocab, str(spec.spec))
+        except ValueError as exc:
+            where = spec.field
+            if spec.field == "response_format" and spec.kind == "json_schema":
+                where = "response_format.json_schema.schema"
+            raise InvalidRequest([FieldViolation(where, str(exc), "invalid_constraint")]) from exc
 
     def max_new_tokens(self, params: ChatParams, prompt_len: int, default_cap: int) -> int:
         """Resolve max_tokens against the context: explicit values must fit; the default is capped to fit."""
@@ -149,6 +175,11 @@ def load(
         created=int(time.time()),
         embedded=model_id is None,
         vocab=vocab_mod.from_tokenizer(tokenizer),
+    )
+    import sampler_rs
+
+    served.guide_vocab = sampler_rs.Vocabulary(
+        list(served.vocab.token_bytes), sorted(served.eos_token_ids), sorted(served.vocab.special_ids)
     )
     log.info(
         "model loaded",

@@ -30,6 +30,9 @@ SUPPORTED = frozenset({
     "temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty",
     "logit_bias", "seed", "logprobs", "top_logprobs", "min_tokens", "ignore_eos",
     "stop", "include_stop_str_in_output", "loglikelihood", "chat_template", "chat_template_kwargs_json",
+    "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
+    "guided_whitespace_pattern", "response_format",
+    "n", "best_of", "use_beam_search", "length_penalty", "early_stopping",
     "user", "log_prompt", "store", "metadata", "service_tier",
 })
 # fmt: on
@@ -56,9 +59,6 @@ NEUTRAL: dict[str, Any] = {
 
 # The same neutral values as JSON (the gateway's OpenAPI document only admits these for a not-yet-supported field).
 NEUTRAL_JSON: dict[str, Any] = {
-    "n": 1,
-    "best_of": 1,
-    "use_beam_search": False,
     "include_stop_str_in_output": False,
     "loglikelihood": False,
     "response_format": {"type": "text"},
@@ -82,22 +82,6 @@ BOUNDS: dict[str, tuple[float, float, bool]] = {
 
 # Where the behaviour of a not-yet-supported field comes from (for the error message).
 LATER: dict[str, str] = {
-    **dict.fromkeys(
-        ["n", "best_of", "use_beam_search", "length_penalty", "early_stopping"],
-        "n / best_of / beam search",
-    ),
-    **dict.fromkeys(
-        [
-            "guided_json",
-            "guided_regex",
-            "guided_choice",
-            "guided_grammar",
-            "guided_decoding_backend",
-            "guided_whitespace_pattern",
-            "response_format",
-        ],
-        "guided decoding",
-    ),
     **dict.fromkeys(["tools", "tool_choice", "parallel_tool_calls"], "tool calling"),
     "inference_timeout": "the batching engine",
     "memory_strategy": "memory strategies",
@@ -189,6 +173,29 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+GUIDED_BACKENDS = ("auto", "outlines", "lm-format-enforcer", "xgrammar", "llguidance")
+
+
+@dataclass(frozen=True)
+class GuideSpec:
+    """One output constraint. `field` is the API field it came from (errors name it)."""
+
+    kind: str  # regex | choice | json_schema | json_object | grammar
+    spec: str | tuple[str, ...]  # the regex, schema (JSON text), grammar, or the choices
+    field: str
+    whitespace_pattern: str | None = None  # JSON guides only
+    requested_backend: str = "auto"  # what the client asked for; every name is served by our engine
+
+
+@dataclass(frozen=True)
+class BeamParams:
+    """Beam search, as transformers' generate(num_beams=width, length_penalty=..., early_stopping=...)."""
+
+    width: int  # beams kept per step (best_of, default n)
+    length_penalty: float = 1.0  # score = sum logprob / generated_len ** length_penalty
+    early_stopping: bool | str = False  # True, False or "never"
+
+
 @dataclass(frozen=True)
 class ChatParams:
     """A validated chat completion request."""
@@ -206,6 +213,10 @@ class ChatParams:
     loglikelihood: bool = False  # prompt logprobs on the (unary) response
     chat_template: str | None = None  # per-request Jinja template
     chat_template_kwargs: tuple[tuple[str, Any], ...] = ()  # extra template variables
+    guide: GuideSpec | None = None  # the output constraint, if any
+    n: int = 1  # choices returned
+    best_of: int = 1  # sampled rows, of which the n with the highest mean token logprob are returned
+    beam: BeamParams | None = None  # beam search instead of sampling (then best_of is its width)
     user: str | None = None
     log_prompt: bool = False
     bookkeeping: dict[str, Any] = field(default_factory=dict)  # store / metadata / service_tier, logged only
@@ -253,6 +264,115 @@ def _template(
                                           "be overridden", "reserved"))  # fmt: skip
             kwargs = tuple(sorted(value.items()))
     return template, kwargs
+
+
+def _json_schema_text(text: str, where: str, out: list[FieldViolation]) -> str | None:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        out.append(FieldViolation(where, f"not valid JSON: {exc}", "json_invalid"))
+        return None
+    if not isinstance(value, dict | bool):
+        out.append(FieldViolation(where, "a JSON Schema must be an object (or a boolean)", "dict_type"))
+        return None
+    return text
+
+
+def _guide(request: chat_pb2.ChatCompletionRequest, out: list[FieldViolation]) -> GuideSpec | None:
+    """At most one constraint: guided_json / guided_regex / guided_choice / guided_grammar / response_format."""
+    specs: list[GuideSpec] = []
+    ws = request.guided_whitespace_pattern if request.HasField("guided_whitespace_pattern") else None
+    backend = request.guided_decoding_backend if request.HasField("guided_decoding_backend") else "auto"
+    if backend not in GUIDED_BACKENDS:
+        out.append(FieldViolation("guided_decoding_backend", f"must be one of {', '.join(GUIDED_BACKENDS)}; got "
+                                  f"{backend!r} (all are served by tokenwire's own engine)", "enum"))  # fmt: skip
+    if request.HasField("guided_json"):
+        text = _json_schema_text(request.guided_json, "guided_json", out)
+        if text is not None:
+            specs.append(GuideSpec("json_schema", text, "guided_json", ws, backend))
+    if request.HasField("guided_regex"):
+        specs.append(GuideSpec("regex", request.guided_regex, "guided_regex", None, backend))
+    if request.guided_choice:
+        specs.append(GuideSpec("choice", tuple(request.guided_choice), "guided_choice", None, backend))
+    if request.HasField("guided_grammar"):
+        if not request.guided_grammar.strip():
+            out.append(FieldViolation("guided_grammar", "the grammar is empty", "string_too_short"))
+        specs.append(GuideSpec("grammar", request.guided_grammar, "guided_grammar", None, backend))
+    if request.HasField("response_format"):
+        rf = request.response_format
+        if rf.type == "json_object":
+            specs.append(GuideSpec("json_object", "", "response_format", ws, backend))
+        elif rf.type == "json_schema":
+            if not (rf.HasField("json_schema") and rf.json_schema.HasField("schema_json")):
+                out.append(FieldViolation("response_format.json_schema.schema",
+                                          "`json_schema` needs a `schema`", "missing"))  # fmt: skip
+            else:
+                text = _json_schema_text(rf.json_schema.schema_json, "response_format.json_schema.schema", out)
+                if text is not None:
+                    specs.append(GuideSpec("json_schema", text, "response_format", ws, backend))
+        elif rf.type != "text":
+            out.append(FieldViolation("response_format.type", "must be one of text, json_object, json_schema; "
+                                      f"got {rf.type!r}", "enum"))  # fmt: skip
+    if len(specs) > 1:
+        names = ", ".join(f"`{s.field}`" for s in specs)
+        out.append(FieldViolation(specs[1].field, f"at most one output constraint per request; got {names}",
+                                  "value_error"))  # fmt: skip
+        return None
+    if ws is not None and not (specs and specs[0].kind in ("json_schema", "json_object")):
+        out.append(FieldViolation("guided_whitespace_pattern", "applies to JSON constraints only (`guided_json`, "
+                                  "`response_format`)", "value_error"))  # fmt: skip
+    return specs[0] if specs else None
+
+
+_EARLY_STOPPING: dict[int, bool | str] = {
+    chat_pb2.EARLY_STOPPING_UNSPECIFIED: False,
+    chat_pb2.EARLY_STOPPING_TRUE: True,
+    chat_pb2.EARLY_STOPPING_FALSE: False,
+    chat_pb2.EARLY_STOPPING_NEVER: "never",
+}
+
+
+def _choices(
+    request: chat_pb2.ChatCompletionRequest, streaming: bool, limits: Limits, out: list[FieldViolation]
+) -> tuple[int, int, BeamParams | None]:
+    """n, best_of and beam search, and what beam search cannot be combined with (yet)."""
+    n = request.n if request.HasField("n") else 1
+    if not 1 <= n <= limits.max_n:
+        out.append(FieldViolation("n", f"`n` must be in [1, {limits.max_n}], got {n}", "range"))
+        n = 1
+    best_of = request.best_of if request.HasField("best_of") else n
+    if not n <= best_of <= limits.max_best_of:
+        out.append(FieldViolation("best_of", f"`best_of` must be in [n={n}, {limits.max_best_of}], got {best_of}",
+                                  "range"))  # fmt: skip
+        best_of = n
+    if not request.use_beam_search:
+        for name, set_ in (("length_penalty", request.HasField("length_penalty")),
+                           ("early_stopping", bool(request.early_stopping))):  # fmt: skip
+            if set_:
+                out.append(FieldViolation(name, f"`{name}` applies only with `use_beam_search: true`", "value_error"))
+        if streaming and best_of > n:
+            out.append(FieldViolation("best_of", f"`best_of` ({best_of}) > `n` ({n}): results cannot be streamed "
+                                      "(the best are known only at the end)", "value_error"))  # fmt: skip
+        return n, best_of, None
+    length_penalty = request.length_penalty if request.HasField("length_penalty") else 1.0
+    _finite("length_penalty", length_penalty, out)
+    for name, bad in (
+        ("temperature", request.HasField("temperature") and request.temperature != 0.0),
+        ("top_p", request.HasField("top_p") and request.top_p != 1.0),
+        ("top_k", request.top_k not in (0, -1)),
+        ("min_p", request.min_p != 0.0),
+        ("seed", request.HasField("seed")),
+    ):
+        if bad:
+            out.append(FieldViolation(name, f"`{name}` has no effect with `use_beam_search` (beam search is "
+                                      "deterministic): leave it unset", "value_error"))  # fmt: skip
+    for name, bad in (
+        ("logprobs", request.logprobs),
+        ("stop", bool(request.stop)),
+    ):
+        if bad:
+            out.append(FieldViolation(name, f"`{name}` is not supported with `use_beam_search` yet", "not_supported"))
+    return n, best_of, BeamParams(best_of, length_penalty, _EARLY_STOPPING[request.early_stopping])
 
 
 def _is_neutral(name: str, value: Any) -> bool:
@@ -490,6 +610,11 @@ def validate(
         out.append(FieldViolation("min_tokens", msg, "less_than_equal"))
 
     stops = _stops(request, limits, out)
+    guide = _guide(request, out)
+    n, best_of, beam = _choices(request, streaming, limits, out)
+    if beam is not None and guide is not None:
+        out.append(FieldViolation(guide.field, "guided decoding with `use_beam_search` is not supported yet",
+                                  "not_supported"))  # fmt: skip
     try:
         chat_template, template_kwargs = _template(request, limits, out)
     except json.JSONDecodeError as exc:
@@ -537,6 +662,10 @@ def validate(
         loglikelihood=request.loglikelihood,
         chat_template=chat_template,
         chat_template_kwargs=template_kwargs,
+        guide=guide,
+        n=n,
+        best_of=best_of,
+        beam=beam,
         user=request.user if request.HasField("user") else None,
         log_prompt=request.log_prompt,
         bookkeeping=bookkeeping,

@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,7 +21,7 @@ from grpc_status import rpc_status
 
 from tokenwire.v1 import chat_pb2, chat_pb2_grpc, models_pb2, models_pb2_grpc
 
-from .engine import Engine, EngineRequest, FinishReason, StepEvent, TokenInfo
+from .engine import BeamSettings, Engine, EngineRequest, FinishReason, StepEvent, TokenInfo
 from .errors import ServiceError, ServiceUnavailable
 from .model import ServedModel
 from .params import ChatParams, Limits, validate
@@ -76,6 +76,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             vocab_size=served.vocab_size,
         )
         prompt_ids = await asyncio.to_thread(served.render_prompt, params)
+        # Guides compile off the event loop and off the engine's step loop (cached by spec in the vocabulary).
+        guide = await asyncio.to_thread(served.compile_guide, params.guide) if params.guide is not None else None
         max_new = served.max_new_tokens(params, len(prompt_ids), self.state.limits.default_max_tokens)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         fields: dict[str, object] = {
@@ -86,6 +88,9 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         }
         if params.user is not None:
             fields["user"] = params.user
+        if guide is not None and params.guide is not None:
+            fields.update(guide_engine=guide.engine, guide_kind=params.guide.kind,
+                          guide_backend_requested=params.guide.requested_backend)  # fmt: skip
         fields.update(params.bookkeeping)
         if params.log_prompt:
             fields["prompt"] = served.tokenizer.decode(prompt_ids)
@@ -99,6 +104,11 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             stop=params.stop,
             include_stop_str_in_output=params.include_stop_str_in_output,
             prompt_logprobs=params.loglikelihood,
+            guide=guide,
+            rows=params.best_of if params.beam is None else 1,
+            beam=None
+            if params.beam is None
+            else BeamSettings(params.beam.width, params.n, params.beam.length_penalty, params.beam.early_stopping),
         )
         return served, engine, params, engine_request
 
@@ -111,22 +121,22 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             await _abort(context, err)
             raise AssertionError("unreachable") from None
         handle = engine.submit(req, asyncio.get_running_loop())
-        texts: list[str] = []
-        tokens: list[TokenInfo] = []
+        rows = [_Choice() for _ in range(req.choices)]
         prompt_logprobs: tuple[TokenInfo, ...] = ()
-        finish = FinishReason.LENGTH
         try:
             async for event in handle:
                 if event.error is not None:
                     await _abort(context, ServiceUnavailable(event.error))
-                texts.append(event.text)
-                tokens.extend(event.tokens)
+                row = rows[event.index]
+                row.texts.append(event.text)
+                row.tokens.extend(event.tokens)
                 prompt_logprobs = event.prompt_logprobs or prompt_logprobs
-                if event.finish_reason is not None:
-                    finish = event.finish_reason
+                row.finish = event.finish_reason or row.finish
         finally:
             handle.cancel()
-        count = len(tokens)
+        count = sum(len(r.tokens) for r in rows)  # every generated token, best_of's discarded samples included
+        if params.beam is None and params.best_of > params.n:  # keep the n with the highest mean token logprob
+            rows = sorted(rows, key=lambda r: -sum(t.logprob for t in r.tokens) / max(len(r.tokens), 1))[: params.n]
         prompt_tokens = len(req.prompt_ids)
         return chat_pb2.ChatCompletion(
             id=req.request_id,
@@ -136,11 +146,12 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             system_fingerprint=served.fingerprint,
             choices=[
                 chat_pb2.Choice(
-                    index=0,
-                    message=chat_pb2.AssistantMessage(role="assistant", content="".join(texts)),
-                    logprobs=_logprobs(served.vocab, tokens, params.top_logprobs) if params.logprobs else None,
-                    finish_reason=_FINISH[finish],
+                    index=index,
+                    message=chat_pb2.AssistantMessage(role="assistant", content="".join(row.texts)),
+                    logprobs=_logprobs(served.vocab, row.tokens, params.top_logprobs) if params.logprobs else None,
+                    finish_reason=_FINISH[row.finish or FinishReason.LENGTH],
                 )
+                for index, row in enumerate(rows)
             ],
             usage=chat_pb2.Usage(
                 prompt_tokens=prompt_tokens, completion_tokens=count, total_tokens=prompt_tokens + count
@@ -173,26 +184,40 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             )
 
         count = 0
-        pending: list[TokenInfo] = []  # tokens whose text is held back (incomplete character): sent with the next delta
+        # tokens whose text is held back (an incomplete character, a possible stop string), per choice: they are
+        # sent with that choice's next delta
+        pending: list[list[TokenInfo]] = [[] for _ in range(req.choices)]
         try:
-            # The first chunk carries the role (OpenAI sends it before any content).
-            yield chunk([chat_pb2.ChunkChoice(index=0, delta=chat_pb2.Delta(role="assistant", content=""))])
+            # The first chunk carries each choice's role (OpenAI sends it before any content). Beam search streams
+            # its final beams once they are final.
+            yield chunk([chat_pb2.ChunkChoice(index=i, delta=chat_pb2.Delta(role="assistant", content=""))
+                         for i in range(req.choices)])  # fmt: skip
             async for event in handle:
                 if event.error is not None:
                     await _abort(context, ServiceUnavailable(event.error))
                 count += len(event.tokens)
-                pending.extend(event.tokens)
+                held = pending[event.index]
+                held.extend(event.tokens)
                 if event.text or event.finish_reason is not None:
                     choice = _delta_choice(event)
                     if params.logprobs:
-                        choice.logprobs.CopyFrom(_logprobs(served.vocab, pending, params.top_logprobs))
-                    pending.clear()
+                        choice.logprobs.CopyFrom(_logprobs(served.vocab, held, params.top_logprobs))
+                    held.clear()
                     yield chunk([choice])
             if params.include_usage:
                 p = len(req.prompt_ids)
                 yield chunk([], chat_pb2.Usage(prompt_tokens=p, completion_tokens=count, total_tokens=p + count))
         finally:
             handle.cancel()
+
+
+@dataclass
+class _Choice:
+    """One choice being collected for a unary answer."""
+
+    texts: list[str] = field(default_factory=list)
+    tokens: list[TokenInfo] = field(default_factory=list)
+    finish: FinishReason | None = None
 
 
 def _logprobs(vocab: Vocabulary, tokens: list[TokenInfo], top: int) -> chat_pb2.ChoiceLogprobs:
@@ -216,7 +241,7 @@ def _logprobs(vocab: Vocabulary, tokens: list[TokenInfo], top: int) -> chat_pb2.
 def _delta_choice(event: StepEvent) -> chat_pb2.ChunkChoice:
     delta = chat_pb2.Delta(content=event.text) if event.text else chat_pb2.Delta()
     finish = _FINISH[event.finish_reason] if event.finish_reason is not None else chat_pb2.FINISH_REASON_UNSPECIFIED
-    return chat_pb2.ChunkChoice(index=0, delta=delta, finish_reason=finish)
+    return chat_pb2.ChunkChoice(index=event.index, delta=delta, finish_reason=finish)
 
 
 class ModelServicer(models_pb2_grpc.ModelServiceServicer):

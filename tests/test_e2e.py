@@ -214,8 +214,8 @@ def test_grpc_invalid_argument_carries_field_violations(grpc_channel: grpc.Chann
             ).encode(),
             ["body", "messages", 0, "content", 0, "type"],
         ),
-        (json.dumps({"messages": MESSAGES, "guided_regex": "a+"}).encode(), ["body", "guided_regex"]),
-        (json.dumps({"messages": MESSAGES, "n": 3}).encode(), ["body", "n"]),
+        (json.dumps({"messages": MESSAGES, "guided_regex": "(a+"}).encode(), ["body", "guided_regex"]),
+        (json.dumps({"messages": MESSAGES, "n": 300}).encode(), ["body", "n"]),
         (json.dumps({"messages": MESSAGES, "suffix": "x"}).encode(), ["body", "suffix"]),
         (
             json.dumps({"messages": MESSAGES, "stream_options": {"include_usage": True}}).encode(),
@@ -236,9 +236,10 @@ def test_bad_input_is_422_naming_the_field(servers: Servers, body: bytes, loc: l
 
 
 def test_not_supported_yet_message_names_field(servers: Servers) -> None:
-    r = httpx.post(f"{servers.http_url}/v1/chat/completions", json={"messages": MESSAGES, "use_beam_search": True})
+    r = httpx.post(f"{servers.http_url}/v1/chat/completions", json={"messages": MESSAGES, "tools": [
+        {"type": "function", "function": {"name": "f"}}]})  # fmt: skip
     assert r.status_code == 422
-    assert "`use_beam_search` is not supported yet" in r.json()["detail"][0]["msg"]
+    assert "`tools` is not supported yet (arrives with tool calling)" in r.json()["detail"][0]["msg"]
     # Neutral values change nothing and are accepted.
     r = httpx.post(
         f"{servers.http_url}/v1/chat/completions",

@@ -67,13 +67,27 @@ def test_max_completion_tokens_wins() -> None:
         ({"suffix": "x"}, "suffix", "not supported for chat models"),
         ({"audio_json": "{}"}, "audio", "text-only"),
         ({"modalities": ["text", "audio"]}, "modalities", 'only ["text"]'),
-        ({"guided_regex": "a+"}, "guided_regex", "not supported yet (arrives with guided decoding)"),
-        ({"use_beam_search": True}, "use_beam_search", "not supported yet"),
+        ({"tools": [chat_pb2.Tool(type="function")]}, "tools", "not supported yet (arrives with tool calling)"),
+        ({"peft": "x"}, "peft", "not supported yet (arrives with LoRA adapters)"),
+        ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice", "at most one output constraint"),
+        ({"guided_json": "[1]"}, "guided_json", "must be an object"),
+        (
+            {"response_format": chat_pb2.ResponseFormat(type="json_schema")},
+            "response_format.json_schema.schema",
+            "needs a `schema`",
+        ),
+        ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern", "JSON constraints only"),
+        ({"guided_decoding_backend": "vllm"}, "guided_decoding_backend", "must be one of"),
+        ({"n": 17}, "n", "[1, 16]"),
+        ({"n": 3, "best_of": 2}, "best_of", "[n=3, 16]"),
+        ({"length_penalty": 2.0}, "length_penalty", "only with `use_beam_search"),
+        ({"use_beam_search": True, "temperature": 0.7}, "temperature", "no effect with `use_beam_search`"),
+        ({"use_beam_search": True, "logprobs": True}, "logprobs", "not supported with `use_beam_search` yet"),
+        ({"use_beam_search": True, "guided_regex": "a"}, "guided_regex", "with `use_beam_search` is not supported"),
         ({"chat_template_kwargs_json": "[1]"}, "chat_template_kwargs", "JSON object"),
         ({"chat_template_kwargs_json": '{"messages": 1}'}, "chat_template_kwargs.messages", "cannot be overridden"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
         ({"stop": ["ok", ""]}, "stop[1]", "empty"),
-        ({"n": 2}, "n", "not supported yet"),
         ({"top_k": -2}, "top_k", "got -2"),
         ({"min_p": 1.5}, "min_p", "[0, 1]"),
         ({"frequency_penalty": 2.5}, "frequency_penalty", "[-2, 2]"),
@@ -95,7 +109,7 @@ def test_violations_name_the_field(fields: dict[str, object], field: str, fragme
 
 
 def test_all_violations_reported_together() -> None:
-    found = violations(messages=[], temperature=-1.0, top_p=2.0, n=4)
+    found = violations(messages=[], temperature=-1.0, top_p=2.0, n=40)
     assert set(found) == {"messages", "temperature", "top_p", "n"}
 
 
@@ -169,3 +183,21 @@ def test_server_can_refuse_request_templates() -> None:
         validate(req, streaming=False, served_names=frozenset({"m"}), default_model="m",
                  limits=Limits(allow_request_chat_template=False), vocab_size=10)  # fmt: skip
     assert exc.value.violations[0].field == "chat_template"
+
+
+def test_n_best_of_and_beams() -> None:
+    p = check(n=2, best_of=5, temperature=0.5)
+    assert (p.n, p.best_of, p.beam) == (2, 5, None)
+    assert "best_of" in violations(streaming=True, stream=True, n=2, best_of=3)
+    b = check(use_beam_search=True, n=2, best_of=4, length_penalty=0.5, early_stopping=chat_pb2.EARLY_STOPPING_NEVER)
+    assert b.beam is not None and (b.beam.width, b.beam.length_penalty, b.beam.early_stopping) == (4, 0.5, "never")
+    assert check(use_beam_search=True, n=3).beam.width == 3  # type: ignore[union-attr]
+    assert check(streaming=True, use_beam_search=True, n=2).beam is not None  # final beams are streamed
+
+
+def test_guides_reach_the_params() -> None:
+    g = check(guided_choice=["a", "b"], guided_decoding_backend="xgrammar").guide
+    assert g is not None and (g.kind, g.spec, g.field, g.requested_backend) == ("choice", ("a", "b"), "guided_choice",
+                                                                                   "xgrammar")  # fmt: skip
+    j = check(response_format=chat_pb2.ResponseFormat(type="json_object"), guided_whitespace_pattern=" ?").guide
+    assert j is not None and (j.kind, j.whitespace_pattern) == ("json_object", " ?")

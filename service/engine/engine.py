@@ -1,15 +1,21 @@
-"""The engine loop: admit new sequences, run one forward per sequence, sample all rows in one sampler call.
+"""The engine loop: admit new requests, run one forward per request group, sample all rows in one sampler call.
+
+A request is a *group* of rows that share one batched KV cache: one row for a plain completion, `n` (or
+`best_of`) rows for several samples of one prompt, `num_beams` rows for beam search. The prompt is computed once
+per group: a sampling group prefills it with batch 1 and repeats the cache `n` times; a beam group prefills it
+with batch `num_beams`, as transformers' `generate` does, so its beams equal transformers' bit for bit.
 
 Threading: the loop runs on its own thread, never on the asyncio event loop (health checks stay responsive).
-Requests come in through `submit()` (thread-safe); each sequence's events go out through its own asyncio queue
-via `loop.call_soon_threadsafe`. `cancel()` (also thread-safe) frees a sequence at the start of the next step.
+Requests come in through `submit()` (thread-safe); each group's events go out through its own asyncio queue via
+`loop.call_soon_threadsafe`. `cancel()` (also thread-safe) frees a group at the start of the next step.
 
 One step:
-1. take newly submitted sequences and drop cancelled ones (freeing their KV cache and sampler state);
-2. for every running sequence, one forward: the whole prompt for a new one (prefill), else its last token;
-3. stack the last-position logits into one `[batch, vocab]` float32 array and call `Sampler.step` once;
-4. per sequence: append the token, detokenize incrementally, decide whether it finished (EOS, max tokens),
-   and push a `StepEvent`.
+1. take newly submitted groups and drop cancelled ones (freeing their KV cache and sampler state);
+2. per group, one forward: the prompt for a new group (prefill), else the last token of each live row;
+3. beam groups: `BeamSearch.step` on the group's logits picks the next beams; the cache is reordered to them;
+4. sampling rows of all groups: their logits stacked into one `[rows, vocab]` float32 array, one `Sampler.step`;
+5. per row: append the token, detokenize, match stop strings, decide whether it finished, push a `StepEvent`;
+   finished rows leave the group's cache (`batch_select_indices`), and an empty group leaves the engine.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import itertools
 import logging
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -38,7 +44,7 @@ log = logging.getLogger("tokenwire.engine")
 
 
 class FinishReason(StrEnum):
-    """Why a sequence ended."""
+    """Why a row ended."""
 
     STOP = "stop"
     LENGTH = "length"
@@ -55,18 +61,29 @@ class TokenInfo:
 
 @dataclass(frozen=True)
 class StepEvent:
-    """What one step produced for one sequence."""
+    """What one step produced for one row (choice `index`)."""
 
     text: str
     tokens: tuple[TokenInfo, ...]
     finish_reason: FinishReason | None = None
     error: str | None = None
-    prompt_logprobs: tuple[TokenInfo, ...] | None = None  # on the first event, when asked for
+    prompt_logprobs: tuple[TokenInfo, ...] | None = None  # on the first event of row 0, when asked for
+    index: int = 0
+
+
+@dataclass(frozen=True)
+class BeamSettings:
+    """Beam search for a group: transformers' generate(num_beams=..., num_return_sequences=..., ...)."""
+
+    num_beams: int
+    num_return: int
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False  # True, False or "never"
 
 
 @dataclass(frozen=True)
 class EngineRequest:
-    """A sequence to generate: already tokenized and validated."""
+    """A group to generate: already tokenized and validated."""
 
     request_id: str
     prompt_ids: tuple[int, ...]
@@ -76,19 +93,37 @@ class EngineRequest:
     stop: tuple[str, ...] = ()  # stop strings, matched on the decoded text
     include_stop_str_in_output: bool = False
     prompt_logprobs: bool = False  # logprobs of every prompt token but the first
+    guide: Any = None  # a compiled sampler_rs.Guide constraining the output, or None
+    rows: int = 1  # sampled rows (n, or best_of); row i is seeded with seed + i
+    beam: BeamSettings | None = None  # beam search instead of sampling
+
+    @property
+    def choices(self) -> int:
+        """How many finished rows the consumer receives."""
+        return self.beam.num_return if self.beam is not None else self.rows
 
 
 @dataclass
-class _Sequence:
-    seq_id: int
+class _Row:
+    index: int
+    seq_id: int  # the sampler's id for this row
+    detok: IncrementalDetokenizer
+    stops: StopMatcher
+    output_ids: list[int] = field(default_factory=list)
+    pending_text: str = ""  # decoded this step, not yet through the stop matcher
+
+
+@dataclass
+class _Group:
+    group_id: int
     request: EngineRequest
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[StepEvent]
-    detok: IncrementalDetokenizer
-    stops: StopMatcher
+    live: list[_Row] = field(default_factory=list)  # sampling rows still running, in cache batch order
     cache: Any = None
-    output_ids: list[int] = field(default_factory=list)
-    pending_text: str = ""  # decoded this step, not yet through the stop matcher
+    beam: Any = None  # sampler_rs.BeamSearch
+    beam_tokens: list[int] = field(default_factory=list)  # the next token of each beam
+    prompt_lps: tuple[TokenInfo, ...] | None = None  # prompt logprobs, sent with row 0's first event
 
     def emit(self, event: StepEvent) -> None:
         # RuntimeError: the consumer's event loop is closed, nobody is listening any more.
@@ -97,12 +132,13 @@ class _Sequence:
 
 
 class SequenceHandle:
-    """The consumer's side of one sequence: an async iterator of events and a cancel()."""
+    """The consumer's side of one group: an async iterator of events (all rows) and a cancel()."""
 
-    def __init__(self, engine: Engine, seq_id: int, queue: asyncio.Queue[StepEvent]) -> None:
+    def __init__(self, engine: Engine, group_id: int, queue: asyncio.Queue[StepEvent], choices: int) -> None:
         self._engine = engine
-        self.seq_id = seq_id
+        self.seq_id = group_id
         self._queue = queue
+        self._remaining = choices
         self.finished = False
 
     def __aiter__(self) -> SequenceHandle:
@@ -112,12 +148,15 @@ class SequenceHandle:
         if self.finished:
             raise StopAsyncIteration
         event = await self._queue.get()
-        if event.finish_reason is not None or event.error is not None:
+        if event.error is not None:
             self.finished = True
+        elif event.finish_reason is not None:
+            self._remaining -= 1
+            self.finished = self._remaining == 0
         return event
 
     def cancel(self) -> None:
-        """Free the sequence (no-op when it already finished)."""
+        """Free the group (no-op when it already finished)."""
         if not self.finished:
             self.finished = True
             self._engine.cancel(self.seq_id)
@@ -134,9 +173,9 @@ class Engine:
         self.sampler = sampler_rs.Sampler(vocab_size)
         self._ids = itertools.count(1)
         self._cond = threading.Condition()
-        self._incoming: deque[_Sequence] = deque()
+        self._incoming: deque[_Group] = deque()
         self._cancelled: set[int] = set()
-        self._running: dict[int, _Sequence] = {}
+        self._running: dict[int, _Group] = {}
         self._stop = False
         self._thread: threading.Thread | None = None
         self.steps = 0
@@ -161,20 +200,19 @@ class Engine:
     # -- thread-safe API -------------------------------------------------------------------------------------
     def submit(self, request: EngineRequest, loop: asyncio.AbstractEventLoop) -> SequenceHandle:
         queue: asyncio.Queue[StepEvent] = asyncio.Queue()
-        stops = StopMatcher(request.stop, request.include_stop_str_in_output)
-        seq = _Sequence(next(self._ids), request, loop, queue, IncrementalDetokenizer(self.tokenizer), stops)
+        group = _Group(next(self._ids), request, loop, queue)
         with self._cond:
-            self._incoming.append(seq)
+            self._incoming.append(group)
             self._cond.notify_all()
-        return SequenceHandle(self, seq.seq_id, queue)
+        return SequenceHandle(self, group.group_id, queue, request.choices)
 
-    def cancel(self, seq_id: int) -> None:
+    def cancel(self, group_id: int) -> None:
         with self._cond:
-            self._cancelled.add(seq_id)
+            self._cancelled.add(group_id)
             self._cond.notify_all()
 
     def num_running(self) -> int:
-        """Sequences admitted and not yet finished or freed (incoming ones included)."""
+        """Groups admitted and not yet finished or freed (incoming ones included)."""
         with self._cond:
             return len(self._running) + len(self._incoming)
 
@@ -187,12 +225,42 @@ class Engine:
             self._incoming.clear()
             cancelled = set(self._cancelled)
             self._cancelled.clear()
-        for seq in incoming:
-            self.sampler.add_sequence(seq.seq_id, self._sampler_params(seq.request), list(seq.request.prompt_ids))
-            self._running[seq.seq_id] = seq
-        for seq_id in cancelled:
-            if self._free(seq_id):
+        for group in incoming:
+            try:
+                self._setup(group)
+            except Exception as exc:  # one bad request fails alone; the engine keeps serving the others
+                log.exception("cannot admit a request", extra={"fields": {"request_id": group.request.request_id}})
+                self._drop(group)
+                group.emit(StepEvent("", (), error=f"engine error: {type(exc).__name__}: {exc}"))
+                continue
+            self._running[group.group_id] = group
+        for group_id in cancelled:
+            gone = self._running.pop(group_id, None)
+            if gone is not None:
+                self._drop(gone)
                 self.cancellations += 1
+
+    def _setup(self, group: _Group) -> None:
+        r = group.request
+        if r.beam is not None:
+            b = r.beam
+            group.beam = sampler_rs.BeamSearch(
+                num_beams=b.num_beams, num_return=b.num_return, length_penalty=b.length_penalty,
+                early_stopping=b.early_stopping, eos_token_ids=sorted(self.eos_token_ids),
+                max_new_tokens=r.max_new_tokens, vocab_size=self.vocab_size, params=self._sampler_params(r),
+                prompt_token_ids=list(r.prompt_ids),
+            )  # fmt: skip
+            return
+        for i in range(r.rows):
+            row = _Row(i, next(self._ids), IncrementalDetokenizer(self.tokenizer),
+                       StopMatcher(r.stop, r.include_stop_str_in_output))  # fmt: skip
+            seed = None if r.sampling.seed is None else (r.sampling.seed + i) & 0xFFFF_FFFF_FFFF_FFFF
+            params = self._sampler_params(replace(r, sampling=replace(r.sampling, seed=seed)))
+            if r.guide is not None:
+                self.sampler.add_sequence(row.seq_id, params, list(r.prompt_ids), r.guide)
+            else:
+                self.sampler.add_sequence(row.seq_id, params, list(r.prompt_ids))
+            group.live.append(row)
 
     def _sampler_params(self, r: EngineRequest) -> Any:
         s = r.sampling
@@ -212,14 +280,17 @@ class Engine:
             eos_token_ids=sorted(self.eos_token_ids),
         )
 
-    def _free(self, seq_id: int) -> bool:
-        seq = self._running.pop(seq_id, None)
-        if seq is None:
-            return False
-        seq.cache = None
-        if seq_id in self.sampler:
-            self.sampler.remove_sequence(seq_id)
-        return True
+    def _drop(self, group: _Group) -> None:
+        """Free a group's KV cache and sampler state."""
+        group.cache = None
+        for row in group.live:
+            if row.seq_id in self.sampler:
+                self.sampler.remove_sequence(row.seq_id)
+        group.live.clear()
+
+    def _finish(self, group: _Group) -> None:
+        self._running.pop(group.group_id, None)
+        self._drop(group)
 
     def _loop(self) -> None:
         while True:
@@ -230,53 +301,104 @@ class Engine:
                 continue
             try:
                 self._step()
-            except Exception as exc:  # never let one bad step kill the engine: fail the sequences in it
+            except Exception as exc:  # never let one bad step kill the engine: fail the groups in it
                 log.exception("engine step failed")
-                for seq_id, seq in list(self._running.items()):
-                    seq.emit(StepEvent("", (), error=f"engine error: {type(exc).__name__}: {exc}"))
-                    self._free(seq_id)
-        for seq_id, seq in list(self._running.items()):
-            seq.emit(StepEvent("", (), error="the engine is shutting down"))
-            self._free(seq_id)
+                for group in list(self._running.values()):
+                    group.emit(StepEvent("", (), error=f"engine error: {type(exc).__name__}: {exc}"))
+                    self._finish(group)
+        for group in list(self._running.values()):
+            group.emit(StepEvent("", (), error="the engine is shutting down"))
+            self._finish(group)
+
+    def _forward(self, group: _Group) -> torch.Tensor:
+        """One forward of a group: its logits `[live rows, vocab]` (a prefill also records prompt logprobs)."""
+        r = group.request
+        if group.cache is None:
+            prompt = list(r.prompt_ids)
+            width = r.beam.num_beams if r.beam is not None else 1
+            logits, group.cache, lps = self.runner.prefill(prompt, r.prompt_logprobs, width)
+            if r.beam is None and r.rows > 1:  # n samples of one prompt: computed once, then shared
+                group.cache.batch_repeat_interleave(r.rows)
+                logits = logits.expand(r.rows, -1)
+            if lps is not None:
+                group.prompt_lps = tuple(TokenInfo(t, lp) for t, lp in zip(prompt[1:], lps, strict=True))
+            return logits
+        last = group.beam_tokens if group.beam is not None else [row.output_ids[-1] for row in group.live]
+        logits, group.cache = self.runner.forward_batch(last, group.cache)
+        return logits
 
     def _step(self) -> None:
-        seqs = list(self._running.values())
         rows: list[torch.Tensor] = []
-        prompt_lps: dict[int, tuple[TokenInfo, ...]] = {}
-        for seq in seqs:
-            if seq.cache is None:  # prefill
-                prompt = list(seq.request.prompt_ids)
-                logits, seq.cache, lps = self.runner.prefill(prompt, seq.request.prompt_logprobs)
-                if lps is not None:
-                    prompt_lps[seq.seq_id] = tuple(TokenInfo(t, lp) for t, lp in zip(prompt[1:], lps, strict=True))
-            else:
-                logits, seq.cache = self.runner.forward([seq.output_ids[-1]], seq.cache)
+        sampled: list[tuple[_Group, _Row]] = []
+        for group in list(self._running.values()):
+            logits = self._forward(group)
+            if group.beam is not None:
+                self._beam_step(group, logits)
+                continue
             rows.append(logits)
-        batch = torch.stack(rows).cpu().numpy()
-        outputs = self.sampler.step(np.ascontiguousarray(batch, dtype=np.float32), [s.seq_id for s in seqs])
+            sampled.extend((group, row) for row in group.live)
         self.steps += 1
-        for seq, out in zip(seqs, outputs, strict=True):
+        if not sampled:
+            return
+        batch = np.ascontiguousarray(torch.cat(rows).cpu().numpy(), dtype=np.float32)
+        outputs = self.sampler.step(batch, [row.seq_id for _, row in sampled])
+        finished: dict[int, set[int]] = {}
+        for (group, row), out in zip(sampled, outputs, strict=True):
             token = int(out.token_id)
-            seq.output_ids.append(token)
+            row.output_ids.append(token)
             info = TokenInfo(token, float(out.logprob), tuple((int(t), float(lp)) for t, lp in out.top_logprobs))
-            finish = self._advance(seq, token)
-            text = seq.stops.push(seq.pending_text, can_stop=len(seq.output_ids) >= seq.request.sampling.min_tokens)
-            seq.pending_text = ""
-            if seq.stops.stopped:
+            finish = self._advance(group.request, row, token)
+            if finish is None and out.guide_finished:  # the constraint is complete: nothing more may follow
+                finish = FinishReason.STOP
+                row.pending_text += row.detok.flush()
+            can_stop = len(row.output_ids) >= group.request.sampling.min_tokens
+            text = row.stops.push(row.pending_text, can_stop=can_stop)
+            row.pending_text = ""
+            if row.stops.stopped:
                 finish = FinishReason.STOP
             elif finish is not None:
-                text += seq.stops.flush()
-            seq.emit(StepEvent(text, (info,), finish, prompt_logprobs=prompt_lps.get(seq.seq_id)))
+                text += row.stops.flush()
+            first = row.index == 0 and len(row.output_ids) == 1
+            group.emit(StepEvent(text, (info,), finish, index=row.index,
+                                 prompt_logprobs=group.prompt_lps if first else None))  # fmt: skip
             if finish is not None:
-                self._free(seq.seq_id)
+                finished.setdefault(group.group_id, set()).add(row.seq_id)
+        for group_id, done in finished.items():
+            group = self._running[group_id]
+            keep = [i for i, row in enumerate(group.live) if row.seq_id not in done]
+            for row in group.live:
+                if row.seq_id in done:
+                    self.sampler.remove_sequence(row.seq_id)
+            group.live = [group.live[i] for i in keep]
+            if not group.live:
+                self._finish(group)
+            else:
+                group.cache.batch_select_indices(torch.tensor(keep, dtype=torch.long))
 
-    def _advance(self, seq: _Sequence, token: int) -> FinishReason | None:
-        """Detokenize the new token into `seq.pending_text`; say whether EOS or the length limit ended it."""
+    def _advance(self, request: EngineRequest, row: _Row, token: int) -> FinishReason | None:
+        """Detokenize the new token into `row.pending_text`; say whether EOS or the length limit ended it."""
         if token in self.eos_token_ids:
-            seq.pending_text = seq.detok.flush()
+            row.pending_text = row.detok.flush()
             return FinishReason.STOP
-        seq.pending_text = seq.detok.push(token)
-        if len(seq.output_ids) >= seq.request.max_new_tokens:
-            seq.pending_text += seq.detok.flush()
+        row.pending_text = row.detok.push(token)
+        if len(row.output_ids) >= request.max_new_tokens:
+            row.pending_text += row.detok.flush()
             return FinishReason.LENGTH
         return None
+
+    def _beam_step(self, group: _Group, logits: torch.Tensor) -> None:
+        """Advance a beam group; when the search is done, emit its `num_return` best hypotheses, best first."""
+        batch = np.ascontiguousarray(logits.cpu().numpy(), dtype=np.float32)
+        parent, tokens = group.beam.step(batch)
+        if not group.beam.is_done():
+            group.cache.reorder_cache(torch.tensor(parent, dtype=torch.long))
+            group.beam_tokens = list(tokens)
+            return
+        for index, hyp in enumerate(group.beam.finalize()):
+            ids = list(hyp.token_ids)
+            text_ids = ids[:-1] if hyp.finished_by_eos else ids
+            text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
+            finish = FinishReason.STOP if hyp.finished_by_eos else FinishReason.LENGTH
+            group.emit(StepEvent(text, tuple(TokenInfo(t, float("nan")) for t in ids), finish, index=index,
+                                 prompt_logprobs=group.prompt_lps if index == 0 else None))  # fmt: skip
+        self._finish(group)

@@ -1,4 +1,4 @@
-"""The model runner: one transformers forward pass for a sequence, with its own KV cache."""
+"""The model runner: transformers forwards for one request group, with the group's batched KV cache."""
 
 from __future__ import annotations
 
@@ -8,35 +8,37 @@ import torch
 
 
 class ModelRunner:
-    """Runs prefill and decode forwards of a causal LM (one sequence per call; batching arrives with issue 6)."""
+    """Prefill and decode forwards of a causal LM (one group per call; batching across groups is issue 6)."""
 
     def __init__(self, model: Any) -> None:
         self.model = model
         self.device = next(model.parameters()).device
 
+    def _new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
     @torch.inference_mode()
-    def prefill(self, prompt_ids: list[int], prompt_logprobs: bool) -> tuple[torch.Tensor, Any, list[float] | None]:
-        """The prompt's forward: last-position logits, the new cache, and (when asked) the logprob of every prompt
-        token but the first under the model's raw log-softmax."""
+    def prefill(
+        self, prompt_ids: list[int], prompt_logprobs: bool, width: int = 1
+    ) -> tuple[torch.Tensor, Any, list[float] | None]:
+        """The prompt's forward, `width` identical rows (beam search prefills with one row per beam, as
+        transformers does). Returns the last position's logits `[width, vocab]` (float32), the cache, and (when
+        asked) the logprob of every prompt token but the first under the model's raw log-softmax."""
+        cache = self._new_cache()
+        ids = torch.tensor([prompt_ids] * width, dtype=torch.long, device=self.device)
+        keep = 0 if prompt_logprobs else 1  # 0 = all positions
+        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=keep)
+        logits = out.logits[:, -1].float()
         if not prompt_logprobs:
-            logits, cache = self.forward(prompt_ids, None)
-            return logits, cache, None
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.model.config)
-        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
-        logits = out.logits[0].float()
-        lps = torch.log_softmax(logits[:-1], dim=-1).gather(1, ids[0, 1:, None])[:, 0]
-        return logits[-1], out.past_key_values, [float(x) for x in lps.cpu()]
+            return logits, out.past_key_values, None
+        lps = torch.log_softmax(out.logits[0, :-1].float(), dim=-1).gather(1, ids[0, 1:, None])[:, 0]
+        return logits, out.past_key_values, [float(x) for x in lps.cpu()]
 
     @torch.inference_mode()
-    def forward(self, input_ids: list[int], cache: Any | None) -> tuple[torch.Tensor, Any]:
-        """Feed `input_ids` after what `cache` holds; return the last position's logits (float32) and the cache."""
-        from transformers import DynamicCache
-
-        if cache is None:
-            cache = DynamicCache(config=self.model.config)
-        ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)
+    def forward_batch(self, tokens: list[int], cache: Any) -> tuple[torch.Tensor, Any]:
+        """One decode step for every row of a group: `tokens[i]` follows row i of `cache`. Logits `[rows, vocab]`."""
+        ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=self.device)
         out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[0, -1].float(), out.past_key_values
+        return out.logits[:, -1].float(), out.past_key_values

@@ -237,8 +237,10 @@ def create_app(config: GatewayConfig | None = None) -> Starlette:
     async def prometheus(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    openapi_body = json.dumps(document(tuple(cfg.chat_paths), __version__)).encode()  # built once
+
     async def openapi(request: Request) -> Response:
-        return _json(200, document(tuple(cfg.chat_paths), __version__))
+        return Response(openapi_body, media_type="application/json")
 
     routes = [Route(p, guarded("chat", chat_completions), methods=["POST"]) for p in cfg.chat_paths]
     routes += [

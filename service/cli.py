@@ -44,6 +44,14 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grpc-port", type=int, default=50051)
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="the largest max_tokens a request may ask")
     p.add_argument("--max-messages", type=int, default=1024, help="the most messages a request may carry")
+    p.add_argument("--max-n", type=int, default=16, help="the largest `n` a request may ask")
+    p.add_argument("--max-best-of", type=int, default=16, help="the largest `best_of` (or beam width)")
+    p.add_argument("--max-stop", type=int, default=4, help="the most stop strings a request may carry")
+    p.add_argument(
+        "--no-request-chat-template",
+        action="store_true",
+        help="refuse per-request `chat_template` (they are rendered sandboxed either way)",
+    )
     p.add_argument(
         "--max-string-chars", type=int, default=1_000_000, help="the longest message content or name, in characters"
     )
@@ -132,6 +140,10 @@ async def _run_service(args: argparse.Namespace, with_gateway: bool) -> None:
         max_messages=args.max_messages,
         max_string_chars=args.max_string_chars,
         max_request_bytes=args.max_request_bytes,
+        max_n=args.max_n,
+        max_best_of=args.max_best_of,
+        max_stop=args.max_stop,
+        allow_request_chat_template=not args.no_request_chat_template,
     )
     service = Service(host=args.grpc_host, port=args.grpc_port, limits=limits)
     await service.start()

@@ -39,29 +39,11 @@ SUPPORTED = frozenset({
 
 # Fields that are accepted when they hold their neutral value: name -> predicate on the value.
 NEUTRAL: dict[str, Any] = {
-    "n": lambda v: v == 1,
-    "best_of": lambda v: v == 1,
-    "use_beam_search": lambda v: v is False,
-    "logprobs": lambda v: v is False,
-    "top_logprobs": lambda v: v == 0,
-    "top_k": lambda v: v in (0, -1),
-    "min_p": lambda v: v == 0.0,
-    "frequency_penalty": lambda v: v == 0.0,
-    "presence_penalty": lambda v: v == 0.0,
-    "repetition_penalty": lambda v: v == 1.0,
-    "ignore_eos": lambda v: v is False,
-    "min_tokens": lambda v: v == 0,
-    "include_stop_str_in_output": lambda v: v is False,
-    "loglikelihood": lambda v: v is False,
-    "response_format": lambda v: v.type == "text" and not v.HasField("json_schema"),
     "modalities": lambda v: list(v) == ["text"],
 }
 
 # The same neutral values as JSON (the gateway's OpenAPI document only admits these for a not-yet-supported field).
 NEUTRAL_JSON: dict[str, Any] = {
-    "include_stop_str_in_output": False,
-    "loglikelihood": False,
-    "response_format": {"type": "text"},
     "modalities": ["text"],
 }
 

@@ -1,28 +1,17 @@
 //! The beam-search classes of the `sampler_rs` module: `BeamSearch` and `BeamHypothesis`, thin
 //! wrappers over [`crate::beam`] (steps release the GIL; bad arguments raise `ValueError`).
 
-use numpy::{PyArray2, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyString};
 
 use crate::beam::{BeamConfig, BeamSearch, EarlyStopping, Hypothesis};
-use crate::bindings::{detached, PySamplingParams};
+use crate::bindings::{detached, token_ids, with_logits, PySamplingParams};
 use crate::sampling::TokenId;
 use crate::SamplerError;
 
 fn value_error(e: SamplerError) -> PyErr {
     PyValueError::new_err(e.to_string())
-}
-
-fn ids(parameter: &str, v: Vec<i64>) -> PyResult<Vec<TokenId>> {
-    v.into_iter()
-        .map(|t| {
-            TokenId::try_from(t).map_err(|_| {
-                PyValueError::new_err(format!("`{parameter}` holds {t}, not a token id"))
-            })
-        })
-        .collect()
 }
 
 fn count(parameter: &str, v: i64) -> PyResult<usize> {
@@ -118,11 +107,11 @@ impl PyBeamSearch {
             num_return: count("num_return", num_return)?,
             length_penalty,
             early_stopping,
-            eos_token_ids: ids("eos_token_ids", eos_token_ids)?,
+            eos_token_ids: token_ids("eos_token_ids", &eos_token_ids)?,
             max_new_tokens: count("max_new_tokens", max_new_tokens)?,
             vocab_size: count("vocab_size", vocab_size)?,
             params: params.map(|p| p.get().inner.clone()),
-            prompt_token_ids: ids("prompt_token_ids", prompt_token_ids.unwrap_or_default())?,
+            prompt_token_ids: token_ids("prompt_token_ids", &prompt_token_ids.unwrap_or_default())?,
         };
         let inner = BeamSearch::new(cfg).map_err(value_error)?;
         Ok(Self { inner })
@@ -144,33 +133,17 @@ impl PyBeamSearch {
                 "BeamSearch.step() after the search is done (is_done() is true)",
             ));
         }
-        let Ok(arr) = logits.cast::<PyArray2<f32>>() else {
-            let what = match logits.cast::<PyUntypedArray>() {
-                Ok(a) => format!("a {}-D {} array", a.ndim(), a.dtype().str()?),
-                Err(_) => format!("a {}", logits.get_type().name()?),
-            };
-            return Err(PyValueError::new_err(format!(
-                "`logits` must be a 2-D float32 numpy array, got {what}"
-            )));
-        };
-        let ro = arr
-            .try_readonly()
-            .map_err(|e| PyValueError::new_err(format!("`logits` cannot be borrowed: {e}")))?;
-        let (rows, width) = (arr.shape()[0], arr.shape()[1]);
         let k = self.inner.config().num_beams;
-        if rows != k {
-            return Err(PyValueError::new_err(format!(
-                "`logits` has {rows} rows for num_beams = {k}"
-            )));
-        }
-        let values = ro
-            .as_slice()
-            .ok()
-            .filter(|_| arr.is_c_contiguous())
-            .ok_or_else(|| PyValueError::new_err("`logits` must be C-contiguous"))?;
         let inner = &mut self.inner;
-        let next = detached(py, || inner.step(values, width))?.map_err(value_error)?;
-        Ok(next.into_iter().unzip())
+        with_logits(logits, |values, rows, width| {
+            if rows != k {
+                return Err(PyValueError::new_err(format!(
+                    "`logits` has {rows} rows for num_beams = {k}"
+                )));
+            }
+            let next = detached(py, || inner.step(values, width))?.map_err(value_error)?;
+            Ok(next.into_iter().unzip())
+        })
     }
 
     fn is_done(&self) -> bool {

@@ -36,7 +36,7 @@ pub(crate) fn detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> T + Send) ->
 }
 
 /// Borrows a C-contiguous 2-D float32 numpy array as `(values, rows, columns)` without copying.
-fn with_logits<T>(
+pub(crate) fn with_logits<T>(
     logits: &Bound<'_, PyAny>,
     f: impl FnOnce(&[f32], usize, usize) -> PyResult<T>,
 ) -> PyResult<T> {
@@ -62,7 +62,7 @@ fn with_logits<T>(
     f(values, rows, cols)
 }
 
-fn token_ids(parameter: &'static str, ids: &[i64]) -> PyResult<Vec<TokenId>> {
+pub(crate) fn token_ids(parameter: &str, ids: &[i64]) -> PyResult<Vec<TokenId>> {
     ids.iter()
         .map(|&t| {
             TokenId::try_from(t).map_err(|_| {

@@ -6,22 +6,12 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use crate::bindings::detached;
+use crate::bindings::{detached, token_ids};
 use crate::guide::{self, GuideError, GuideSpec};
 use crate::sampling::TokenId;
 
 fn value_error(e: GuideError) -> PyErr {
     PyValueError::new_err(e.to_string())
-}
-
-fn ids(parameter: &str, v: Vec<i64>) -> PyResult<Vec<TokenId>> {
-    v.into_iter()
-        .map(|t| {
-            TokenId::try_from(t).map_err(|_| {
-                PyValueError::new_err(format!("`{parameter}` holds {t}, not a token id"))
-            })
-        })
-        .collect()
 }
 
 /// A served model's vocabulary as token bytes; frozen, build once per model.
@@ -39,8 +29,8 @@ impl PyVocabulary {
         eos_token_ids: Vec<i64>,
         special_token_ids: Vec<i64>,
     ) -> PyResult<Self> {
-        let eos = ids("eos_token_ids", eos_token_ids)?;
-        let special = ids("special_token_ids", special_token_ids)?;
+        let eos = token_ids("eos_token_ids", &eos_token_ids)?;
+        let special = token_ids("special_token_ids", &special_token_ids)?;
         let bytes: Vec<Vec<u8>> = token_bytes.iter().map(|b| b.as_bytes().to_vec()).collect();
         let inner = detached(py, || guide::Vocabulary::new(&bytes, &eos, &special))?
             .map_err(value_error)?;

@@ -165,14 +165,18 @@ def create_app(config: GatewayConfig | None = None) -> Starlette:
         except TranscodeError as exc:
             return _json(422, validation_body(exc.violations), rid)
         metadata = (("x-request-id", rid["x-request-id"]),)
+        # `inference_timeout` becomes the gRPC deadline (expiry: DEADLINE_EXCEEDED -> 504); the service enforces it
+        # too, for gRPC clients that send it without a deadline.
+        timeout = pb.inference_timeout if pb.HasField("inference_timeout") and pb.inference_timeout > 0 else None
+        timeout = timeout or cfg.request_timeout_seconds
         up = state["up"]
         if not stream:
             try:
-                result = await up.chat.CreateChatCompletion(pb, metadata=metadata, timeout=cfg.request_timeout_seconds)
+                result = await up.chat.CreateChatCompletion(pb, metadata=metadata, timeout=timeout)
             except grpc.aio.AioRpcError as err:
                 return _rpc_error_response(err, rid)
             return _json(200, completion_json(result), rid)
-        call = up.chat.StreamChatCompletion(pb, metadata=metadata)
+        call = up.chat.StreamChatCompletion(pb, metadata=metadata, timeout=timeout)
         try:
             first = await call.read()
         except grpc.aio.AioRpcError as err:

@@ -110,13 +110,17 @@ def from_rpc_error(err: grpc.aio.AioRpcError) -> tuple[int, dict[str, Any], dict
                 ]
                 if violations:
                     return 422, validation_body(violations), headers
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry = error_details_pb2.RetryInfo()
+                detail.Unpack(retry)
+                headers["Retry-After"] = str(max(1, round(retry.retry_delay.ToMilliseconds() / 1000)))
             elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
                 info = error_details_pb2.ErrorInfo()
                 detail.Unpack(info)
                 param = info.metadata.get("param") or None
                 error_code = info.reason.lower() or error_code
     if status == 429:
-        headers["Retry-After"] = "1"
+        headers.setdefault("Retry-After", "1")
     if status == 504:
         headers["x-should-retry"] = "false"
     return status, error_body(status, message, param, error_code), headers

@@ -47,6 +47,16 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-n", type=int, default=16, help="the largest `n` a request may ask")
     p.add_argument("--max-best-of", type=int, default=16, help="the largest `best_of` (or beam width)")
     p.add_argument("--max-stop", type=int, default=4, help="the most stop strings a request may carry")
+    p.add_argument("--max-running", type=int, default=64, help="requests stepped together by the engine")
+    p.add_argument(
+        "--max-waiting",
+        type=int,
+        default=256,
+        help="requests that may wait beyond those; more get 429 (RESOURCE_EXHAUSTED)",
+    )
+    p.add_argument(
+        "--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port (off by default)"
+    )
     p.add_argument(
         "--no-request-chat-template",
         action="store_true",
@@ -145,7 +155,11 @@ async def _run_service(args: argparse.Namespace, with_gateway: bool) -> None:
         max_stop=args.max_stop,
         allow_request_chat_template=not args.no_request_chat_template,
     )
-    service = Service(host=args.grpc_host, port=args.grpc_port, limits=limits)
+    service = Service(host=args.grpc_host, port=args.grpc_port, limits=limits, max_running=args.max_running,
+                      max_waiting=args.max_waiting)  # fmt: skip
+    if args.metrics_port is not None:
+        port = service.state.metrics.serve(args.grpc_host, args.metrics_port)
+        log.info("service metrics", extra={"fields": {"url": f"http://{args.grpc_host}:{port}/metrics"}})
     await service.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -4,6 +4,8 @@
     ├── InvalidRequest            INVALID_ARGUMENT + google.rpc.BadRequest field violations (HTTP 422)
     ├── ContextLengthExceeded     INVALID_ARGUMENT without field violations (HTTP 400), names both numbers
     ├── ModelNotFound             NOT_FOUND (HTTP 404)
+    ├── Overloaded                RESOURCE_EXHAUSTED + google.rpc.RetryInfo (HTTP 429 + Retry-After)
+    ├── DeadlineExceeded          DEADLINE_EXCEEDED (HTTP 504): inference_timeout or the call's deadline
     └── ServiceUnavailable        UNAVAILABLE (HTTP 503): model still loading, or shutting down
 
 Field paths use dots and [i] indices (`messages[2].content`), which the gateway turns into FastAPI-style
@@ -90,6 +92,29 @@ class ModelNotFound(ServiceError):
     """The requested model is not served here."""
 
     code = grpc.StatusCode.NOT_FOUND
+
+
+class Overloaded(ServiceError):
+    """The waiting queue is full: retry after `retry_after` seconds."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def details(self) -> list[any_pb2.Any]:
+        info = error_details_pb2.RetryInfo()
+        info.retry_delay.FromMilliseconds(int(self.retry_after * 1000))
+        packed = any_pb2.Any()
+        packed.Pack(info)
+        return [packed]
+
+
+class DeadlineExceeded(ServiceError):
+    """The request ran past its deadline; its rows were freed."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class ServiceUnavailable(ServiceError):

@@ -32,7 +32,7 @@ SUPPORTED = frozenset({
     "stop", "include_stop_str_in_output", "loglikelihood", "chat_template", "chat_template_kwargs_json",
     "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
     "guided_whitespace_pattern", "response_format",
-    "n", "best_of", "use_beam_search", "length_penalty", "early_stopping",
+    "n", "best_of", "use_beam_search", "length_penalty", "early_stopping", "inference_timeout",
     "user", "log_prompt", "store", "metadata", "service_tier",
 })
 # fmt: on
@@ -65,7 +65,6 @@ BOUNDS: dict[str, tuple[float, float, bool]] = {
 # Where the behaviour of a not-yet-supported field comes from (for the error message).
 LATER: dict[str, str] = {
     **dict.fromkeys(["tools", "tool_choice", "parallel_tool_calls"], "tool calling"),
-    "inference_timeout": "the batching engine",
     "memory_strategy": "memory strategies",
     "prediction": "predicted outputs",
     "peft": "LoRA adapters",
@@ -102,6 +101,7 @@ class Limits:
     max_best_of: int = 16  # best_of / beam width (with its issue)
     max_stop: int = 4  # stop strings per request
     max_stop_chars: int = 1000  # characters per stop string
+    max_inference_timeout: float = 3600.0  # seconds
     allow_request_chat_template: bool = True  # per-request Jinja templates (rendered sandboxed)
 
 
@@ -199,6 +199,7 @@ class ChatParams:
     n: int = 1  # choices returned
     best_of: int = 1  # sampled rows, of which the n with the highest mean token logprob are returned
     beam: BeamParams | None = None  # beam search instead of sampling (then best_of is its width)
+    inference_timeout: float | None = None  # seconds; past it the request ends with DEADLINE_EXCEEDED
     user: str | None = None
     log_prompt: bool = False
     bookkeeping: dict[str, Any] = field(default_factory=dict)  # store / metadata / service_tier, logged only
@@ -592,6 +593,13 @@ def validate(
         out.append(FieldViolation("min_tokens", msg, "less_than_equal"))
 
     stops = _stops(request, limits, out)
+    inference_timeout = None
+    if request.HasField("inference_timeout") and _finite("inference_timeout", request.inference_timeout, out):
+        inference_timeout = request.inference_timeout
+        if not 0.0 < inference_timeout <= limits.max_inference_timeout:
+            bound = f"(0, {limits.max_inference_timeout:g}]"
+            msg = f"`inference_timeout` must be in {bound} seconds, got {inference_timeout:g}"
+            out.append(FieldViolation("inference_timeout", msg, "range"))
     guide = _guide(request, out)
     n, best_of, beam = _choices(request, streaming, limits, out)
     if beam is not None and guide is not None:
@@ -648,6 +656,7 @@ def validate(
         n=n,
         best_of=best_of,
         beam=beam,
+        inference_timeout=inference_timeout,
         user=request.user if request.HasField("user") else None,
         log_prompt=request.log_prompt,
         bookkeeping=bookkeeping,

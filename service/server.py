@@ -21,8 +21,18 @@ from grpc_status import rpc_status
 
 from tokenwire.v1 import chat_pb2, chat_pb2_grpc, models_pb2, models_pb2_grpc
 
-from .engine import BeamSettings, Engine, EngineRequest, FinishReason, StepEvent, TokenInfo
-from .errors import ServiceError, ServiceUnavailable
+from .engine import (
+    BeamSettings,
+    Engine,
+    EngineRequest,
+    FinishReason,
+    QueueFull,
+    SequenceHandle,
+    StepEvent,
+    TokenInfo,
+)
+from .errors import DeadlineExceeded, Overloaded, ServiceError, ServiceUnavailable
+from .metrics import ServiceMetrics
 from .model import ServedModel
 from .params import ChatParams, Limits, validate
 from .vocab import Vocabulary
@@ -46,6 +56,7 @@ class ServiceState:
     limits: Limits
     served: ServedModel | None = None
     engine: Engine | None = None
+    metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
 
     def ready(self) -> tuple[ServedModel, Engine]:
         if self.served is None or self.engine is None or not self.engine.alive:
@@ -112,6 +123,41 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         )
         return served, engine, params, engine_request
 
+    def _submit(self, engine: Engine, req: EngineRequest) -> SequenceHandle:
+        try:
+            return engine.submit(req, asyncio.get_running_loop())
+        except QueueFull as exc:
+            self.state.metrics.rejected.labels("queue_full").inc()
+            raise Overloaded(f"the server is busy ({exc}); retry shortly") from exc
+
+    async def _events(self, handle: SequenceHandle, deadline: float | None) -> AsyncIterator[StepEvent]:
+        """The request's events until it finishes; DeadlineExceeded past `deadline` (monotonic seconds).
+
+        Latency histograms are observed here: time to the first token, between token events, to the end.
+        """
+        metrics = self.state.metrics
+        started = last = time.monotonic()
+        first = True
+        while True:
+            timeout = None if deadline is None else deadline - time.monotonic()
+            try:
+                if timeout is not None and timeout <= 0:
+                    raise TimeoutError
+                event = await asyncio.wait_for(anext(handle), timeout)
+            except StopAsyncIteration:
+                metrics.e2e.observe(time.monotonic() - started)
+                return
+            except TimeoutError:
+                raise DeadlineExceeded("the request ran past its deadline (`inference_timeout` or the call's "
+                                       "deadline); its sequences were freed") from None  # fmt: skip
+            if event.tokens:
+                now = time.monotonic()
+                (metrics.ttft if first else metrics.itl).observe(now - (started if first else last))
+                first, last = False, now
+            if event.finish_reason is not None:
+                metrics.finished.labels(event.finish_reason.value).inc()
+            yield event
+
     async def CreateChatCompletion(
         self, request: chat_pb2.ChatCompletionRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> chat_pb2.ChatCompletion:
@@ -120,11 +166,15 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         except ServiceError as err:
             await _abort(context, err)
             raise AssertionError("unreachable") from None
-        handle = engine.submit(req, asyncio.get_running_loop())
+        try:
+            handle = self._submit(engine, req)
+        except ServiceError as err:
+            await _abort(context, err)
+            raise AssertionError("unreachable") from None
         rows = [_Choice() for _ in range(req.choices)]
         prompt_logprobs: tuple[TokenInfo, ...] = ()
         try:
-            async for event in handle:
+            async for event in self._events(handle, _deadline(params.inference_timeout, context)):
                 if event.error is not None:
                     await _abort(context, ServiceUnavailable(event.error))
                 row = rows[event.index]
@@ -132,8 +182,11 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 row.tokens.extend(event.tokens)
                 prompt_logprobs = event.prompt_logprobs or prompt_logprobs
                 row.finish = event.finish_reason or row.finish
+        except ServiceError as err:
+            await _abort(context, err)
         finally:
             handle.cancel()
+            self.state.metrics.sync()
         count = sum(len(r.tokens) for r in rows)  # every generated token, best_of's discarded samples included
         if params.beam is None and params.best_of > params.n:  # keep the n with the highest mean token logprob
             rows = sorted(rows, key=lambda r: -sum(t.logprob for t in r.tokens) / max(len(r.tokens), 1))[: params.n]
@@ -167,7 +220,11 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         except ServiceError as err:
             await _abort(context, err)
             return
-        handle = engine.submit(req, asyncio.get_running_loop())
+        try:
+            handle = self._submit(engine, req)
+        except ServiceError as err:
+            await _abort(context, err)
+            return
         created = int(time.time())
 
         def chunk(
@@ -192,7 +249,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             # its final beams once they are final.
             yield chunk([chat_pb2.ChunkChoice(index=i, delta=chat_pb2.Delta(role="assistant", content=""))
                          for i in range(req.choices)])  # fmt: skip
-            async for event in handle:
+            async for event in self._events(handle, _deadline(params.inference_timeout, context)):
                 if event.error is not None:
                     await _abort(context, ServiceUnavailable(event.error))
                 count += len(event.tokens)
@@ -207,8 +264,11 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             if params.include_usage:
                 p = len(req.prompt_ids)
                 yield chunk([], chat_pb2.Usage(prompt_tokens=p, completion_tokens=count, total_tokens=p + count))
+        except ServiceError as err:
+            await _abort(context, err)
         finally:
             handle.cancel()
+            self.state.metrics.sync()
 
 
 @dataclass
@@ -218,6 +278,13 @@ class _Choice:
     texts: list[str] = field(default_factory=list)
     tokens: list[TokenInfo] = field(default_factory=list)
     finish: FinishReason | None = None
+
+
+def _deadline(inference_timeout: float | None, context: grpc.aio.ServicerContext[object, object]) -> float | None:
+    """The earlier of the request's `inference_timeout` and the call's own deadline, as monotonic seconds."""
+    remaining = context.time_remaining()
+    limits = [t for t in (inference_timeout, remaining) if t is not None]
+    return time.monotonic() + min(limits) if limits else None
 
 
 def _logprobs(vocab: Vocabulary, tokens: list[TokenInfo], top: int) -> chat_pb2.ChoiceLogprobs:
@@ -276,8 +343,17 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
 class Service:
     """The whole gRPC server: build it, `start()`, `load()` the model, `stop()`."""
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int = 50051, limits: Limits | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 50051,
+        limits: Limits | None = None,
+        max_running: int = 64,
+        max_waiting: int = 256,
+    ) -> None:
         self.state = ServiceState(limits or Limits())
+        self.max_running, self.max_waiting = max_running, max_waiting
         self.server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", self.state.limits.max_request_bytes + 1024 * 1024),
@@ -307,9 +383,15 @@ class Service:
     async def attach(self, served: ServedModel) -> None:
         """Start the engine on a loaded model and report SERVING."""
         engine = Engine(
-            served.model, served.tokenizer, vocab_size=served.vocab_size, eos_token_ids=served.eos_token_ids
+            served.model,
+            served.tokenizer,
+            vocab_size=served.vocab_size,
+            eos_token_ids=served.eos_token_ids,
+            max_running=self.max_running,
+            max_waiting=self.max_waiting,
         )
         engine.start()
+        self.state.metrics.bind(engine)
         self.state.served, self.state.engine = served, engine
         for name in HEALTH_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -60,7 +60,9 @@ class Servers:
 
 
 @contextlib.contextmanager
-def start_stack(model_dir: Path, name: str = "tiny-test", default_max_tokens: int = 32) -> Iterator[Servers]:
+def start_stack(
+    model_dir: Path, name: str = "tiny-test", default_max_tokens: int = 32, **service_kwargs: Any
+) -> Iterator[Servers]:
     """The real service and gateway on free loopback ports, on a thread of their own, until the block ends."""
     import uvicorn
 
@@ -75,7 +77,7 @@ def start_stack(model_dir: Path, name: str = "tiny-test", default_max_tokens: in
     http_port = free_port()
 
     async def main() -> None:
-        service = Service(port=0, limits=Limits(default_max_tokens=default_max_tokens))
+        service = Service(port=0, limits=Limits(default_max_tokens=default_max_tokens), **service_kwargs)
         await service.start()
         served = await asyncio.to_thread(model_mod.load, str(model_dir), served_model_name=name)
         await service.attach(served)

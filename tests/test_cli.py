@@ -78,7 +78,15 @@ def test_sigterm_exits_cleanly(running_up: tuple[subprocess.Popen[str], int]) ->
         timeout=60,
     )
     assert r.status_code == 200
-    proc.send_signal(signal.SIGTERM)
+    # A stream in flight when SIGTERM arrives still completes (health goes NOT_SERVING, in-flight RPCs drain).
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 60, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60) as s:
+        lines = s.iter_lines()
+        assert next(lines).startswith("data: {")
+        proc.send_signal(signal.SIGTERM)
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]"
+    assert '"finish_reason":"length"' in rest[-2]
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     logs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]

@@ -131,6 +131,10 @@ class _Group:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
 
+class QueueFull(Exception):
+    """The engine's waiting queue is full (backpressure: the caller should retry later)."""
+
+
 class SequenceHandle:
     """The consumer's side of one group: an async iterator of events (all rows) and a cancel()."""
 
@@ -165,7 +169,18 @@ class SequenceHandle:
 class Engine:
     """Owns the model runner, the sampler and the step loop thread."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, vocab_size: int, eos_token_ids: frozenset[int]) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        vocab_size: int,
+        eos_token_ids: frozenset[int],
+        max_running: int = 64,
+        max_waiting: int = 256,
+    ) -> None:
+        self.max_running = max_running  # groups stepped together; more wait, in arrival order
+        self.max_waiting = max_waiting  # past this many waiting groups, submit() refuses (backpressure)
         self.runner = ModelRunner(model)
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
@@ -180,6 +195,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.cancellations = 0
+        self.generated_tokens = 0
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -199,9 +215,12 @@ class Engine:
 
     # -- thread-safe API -------------------------------------------------------------------------------------
     def submit(self, request: EngineRequest, loop: asyncio.AbstractEventLoop) -> SequenceHandle:
+        """Queue a request; raise QueueFull when `max_waiting` requests already wait."""
         queue: asyncio.Queue[StepEvent] = asyncio.Queue()
         group = _Group(next(self._ids), request, loop, queue)
         with self._cond:
+            if len(self._incoming) >= self.max_waiting:
+                raise QueueFull(f"{len(self._incoming)} requests are already waiting (limit {self.max_waiting})")
             self._incoming.append(group)
             self._cond.notify_all()
         return SequenceHandle(self, group.group_id, queue, request.choices)
@@ -212,19 +231,32 @@ class Engine:
             self._cond.notify_all()
 
     def num_running(self) -> int:
-        """Groups admitted and not yet finished or freed (incoming ones included)."""
+        """Groups admitted and not yet finished or freed (waiting ones included)."""
         with self._cond:
             return len(self._running) + len(self._incoming)
+
+    def num_waiting(self) -> int:
+        """Groups submitted and not yet admitted to the step loop."""
+        with self._cond:
+            return len(self._incoming)
+
+    def num_stepping(self) -> int:
+        """Groups in the step loop now."""
+        return len(self._running)
 
     # -- the loop --------------------------------------------------------------------------------------------
     def _admit(self) -> None:
         with self._cond:
             while not self._stop and not self._incoming and not self._running and not self._cancelled:
                 self._cond.wait()
-            incoming = list(self._incoming)
-            self._incoming.clear()
             cancelled = set(self._cancelled)
             self._cancelled.clear()
+            for group in [g for g in self._incoming if g.group_id in cancelled]:  # cancelled while waiting
+                self._incoming.remove(group)
+                self.cancellations += 1
+            incoming: list[_Group] = []
+            while self._incoming and len(self._running) + len(incoming) < self.max_running:
+                incoming.append(self._incoming.popleft())
         for group in incoming:
             try:
                 self._setup(group)
@@ -361,6 +393,7 @@ class Engine:
             first = row.index == 0 and len(row.output_ids) == 1
             group.emit(StepEvent(text, (info,), finish, index=row.index,
                                  prompt_logprobs=group.prompt_lps if first else None))  # fmt: skip
+            self.generated_tokens += 1
             if finish is not None:
                 finished.setdefault(group.group_id, set()).add(row.seq_id)
         for group_id, done in finished.items():
@@ -396,6 +429,7 @@ class Engine:
             return
         for index, hyp in enumerate(group.beam.finalize()):
             ids = list(hyp.token_ids)
+            self.generated_tokens += len(ids)
             text_ids = ids[:-1] if hyp.finished_by_eos else ids
             text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
             finish = FinishReason.STOP if hyp.finished_by_eos else FinishReason.LENGTH

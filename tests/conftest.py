@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -154,3 +155,20 @@ def make_gateway(servers: Servers) -> Iterator[Any]:
             await task
 
     asyncio.run_coroutine_threadsafe(stop(), servers.loop).result(30)
+
+
+@pytest.fixture(scope="session")
+def spm() -> Any:
+    """The Mistral SentencePiece 32k vocabulary as token bytes (bench/guided_vocab.py builds it)."""
+    sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
+    import guided_vocab
+
+    return guided_vocab.sentencepiece()
+
+
+@pytest.fixture(scope="session")
+def vocab(spm: Any) -> Any:
+    """That vocabulary indexed for guides (sampler_rs.Vocabulary)."""
+    import sampler_rs
+
+    return sampler_rs.Vocabulary(spm.token_bytes, [spm.eos], spm.special)

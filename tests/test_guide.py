@@ -27,16 +27,6 @@ from sampler_rs import Guide, GuideState, Vocabulary
 
 
 @pytest.fixture(scope="module")
-def spm() -> gv.VocabSpec:
-    return gv.sentencepiece()
-
-
-@pytest.fixture(scope="module")
-def vocab(spm: gv.VocabSpec) -> Vocabulary:
-    return Vocabulary(spm.token_bytes, [spm.eos], spm.special)
-
-
-@pytest.fixture(scope="module")
 def tekken() -> gv.VocabSpec:
     return gv.tekken()
 

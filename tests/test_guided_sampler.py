@@ -42,16 +42,6 @@ MAX_STEPS = 120
 
 
 @pytest.fixture(scope="module")
-def spm() -> gv.VocabSpec:
-    return gv.sentencepiece()
-
-
-@pytest.fixture(scope="module")
-def vocab(spm: gv.VocabSpec) -> Vocabulary:
-    return Vocabulary(spm.token_bytes, [spm.eos], spm.special)
-
-
-@pytest.fixture(scope="module")
 def guides(vocab: Vocabulary) -> list[Guide | None]:
     return [
         Guide.regex(vocab, REGEX),

@@ -206,6 +206,12 @@ class BeamHypothesis:
     def score(self) -> float:
         """transformers' `sequences_scores` value: `sum_logprobs / len(token_ids) ** length_penalty`."""
     @property
+    def logprobs(self) -> list[float]:
+        """The raw log-probability (log_softmax of the model's row, before any processor) of each token."""
+    @property
+    def top_logprobs(self) -> list[list[tuple[int, float]]]:
+        """Per token, the best `top_logprobs` raw `(token, log-probability)` alternatives, best first."""
+    @property
     def finished_by_eos(self) -> bool:
         """The last token is one of `eos_token_ids`."""
 
@@ -217,7 +223,9 @@ class BeamSearch:
     (`min_tokens`/`ignore_eos`, over `eos_token_ids`) -> repetition penalty (prompt + the beam's
     tokens) -> frequency/presence penalties (the beam's tokens) -> + beam score; then the top
     `max(2, 1 + len(eos_token_ids)) * num_beams` candidates, finished hypotheses and the early-
-    stopping rule as transformers'. ValueError naming the parameter on bad arguments."""
+    stopping rule as transformers'. With a `guide`, every beam follows it with its own state: the
+    tokens its mask forbids are -inf after log_softmax (transformers' prefix_allowed_tokens_fn).
+    ValueError naming the parameter on bad arguments."""
 
     def __init__(
         self,
@@ -231,9 +239,12 @@ class BeamSearch:
         vocab_size: int,
         params: SamplingParams | None = None,
         prompt_token_ids: list[int] | None = None,
+        guide: Guide | None = None,
+        top_logprobs: int = 0,
     ) -> None:
         """`early_stopping`: True, False or "never". Only `params`' logit bias, penalties,
-        `min_tokens` and `ignore_eos` are used; its temperature/top-k/top-p/min-p are ignored."""
+        `min_tokens` and `ignore_eos` are used; its temperature/top-k/top-p/min-p are ignored.
+        `top_logprobs`: raw alternatives kept per generated token (see BeamHypothesis)."""
     @property
     def steps(self) -> int:
         """Steps taken so far (tokens generated per beam)."""
@@ -243,6 +254,13 @@ class BeamSearch:
         row 0 is live). Returns `(parent, token)`: for each beam of the next step, the current beam
         it extends and the token to feed (reorder the KV cache by `parent`). GIL released.
         ValueError on bad logits; RuntimeError after `is_done()` or on a panic."""
+    def propose(self, logits: npt.NDArray[np.float32]) -> tuple[list[int], list[int]]:
+        """The first half of `step`: the step's candidates `(beam, token)`, best first; `commit`
+        must follow. GIL released."""
+    def commit(self, stops: list[bool] | None = None) -> tuple[list[int], list[int]]:
+        """The second half of `step`: `stops[i]` true ends candidate i (a stop string found by the
+        caller; transformers' StopStringCriteria) exactly as an EOS would. Returns what `step` does.
+        ValueError without a proposal or with the wrong number of flags."""
     def is_done(self) -> bool:
         """No further step can change the result (early-stopping rule or `max_new_tokens`)."""
     def finalize(self) -> list[BeamHypothesis]:

@@ -318,7 +318,7 @@ _EARLY_STOPPING: dict[int, bool | str] = {
 def _choices(
     request: chat_pb2.ChatCompletionRequest, streaming: bool, limits: Limits, out: list[FieldViolation]
 ) -> tuple[int, int, BeamParams | None]:
-    """n, best_of and beam search, and what beam search cannot be combined with (yet)."""
+    """n, best_of and beam search, and the sampling fields beam search has no use for."""
     n = request.n if request.HasField("n") else 1
     if not 1 <= n <= limits.max_n:
         out.append(FieldViolation("n", f"`n` must be in [1, {limits.max_n}], got {n}", "range"))
@@ -349,12 +349,6 @@ def _choices(
         if bad:
             out.append(FieldViolation(name, f"`{name}` has no effect with `use_beam_search` (beam search is "
                                       "deterministic): leave it unset", "value_error"))  # fmt: skip
-    for name, bad in (
-        ("logprobs", request.logprobs),
-        ("stop", bool(request.stop)),
-    ):
-        if bad:
-            out.append(FieldViolation(name, f"`{name}` is not supported with `use_beam_search` yet", "not_supported"))
     return n, best_of, BeamParams(best_of, length_penalty, _EARLY_STOPPING[request.early_stopping])
 
 
@@ -602,9 +596,6 @@ def validate(
             out.append(FieldViolation("inference_timeout", msg, "range"))
     guide = _guide(request, out)
     n, best_of, beam = _choices(request, streaming, limits, out)
-    if beam is not None and guide is not None:
-        out.append(FieldViolation(guide.field, "guided decoding with `use_beam_search` is not supported yet",
-                                  "not_supported"))  # fmt: skip
     try:
         chat_template, template_kwargs = _template(request, limits, out)
     except json.JSONDecodeError as exc:

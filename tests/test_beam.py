@@ -101,6 +101,48 @@ def eosy() -> tuple[Any, list[int], list[int]]:
 MODELS = {"mistral": mistral, "peaky": peaky, "eosy": eosy}
 
 
+@functools.cache
+def tekken() -> tuple[Any, Any, list[int]]:
+    """(model, tokenizer, prompt): a random Llama over the Tekken vocabulary (131,072 byte-level BPE tokens, from
+    mistral-common), another shape than the others: 3 layers, multi-query attention, tied embeddings."""
+    import mistral_common
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralCommonBackend
+
+    torch.set_num_threads(2)
+    path = mistral_common.__file__.rsplit("/", 1)[0] + "/data/tekken_240911.json"
+    tok = MistralCommonBackend(tokenizer_path=path)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=PAD)  # fmt: skip
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(cfg).eval()  # type: ignore[no-untyped-call]
+    prompt = [1, *tok.encode("Décris la mer, s'il te plaît 🌊", add_special_tokens=False)]
+    return model, tok, prompt
+
+
+class EosBias(LogitsProcessor):
+    """+`bias` on one token after log-softmax (where beam search applies processors): beams then end with it."""
+
+    def __init__(self, token: int, bias: float) -> None:
+        self.token, self.bias = token, bias
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.clone()
+        scores[:, self.token] += self.bias
+        return scores  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize(("k", "n", "lp", "es"), [(2, 2, 1.0, True), (4, 2, 0.7, False), (8, 4, 1.5, "never")])
+def test_matches_generate_on_tekken(k: int, n: int, lp: float, es: bool | str) -> None:
+    """The second tokenizer and model shape: sequences equal and scores within 1e-4, some ending with EOS."""
+    model, _, prompt = tekken()
+    params = sampler_rs.SamplingParams(logit_bias={2: 6.0}, eos_token_ids=[2])
+    rows, scores = run_generate(model, prompt, [2], k=k, n=n, lp=lp, es=es, m=8, processors=[EosBias(2, 6.0)])
+    ours = run_ours(model, prompt, [2], k=k, n=n, lp=lp, es=es, m=8, params=params)
+    check(ours, rows, scores, [2])
+    assert any(h.finished_by_eos for h in ours)
+
+
 def run_generate(
     model: Any,
     prompt: list[int],

@@ -82,8 +82,6 @@ def test_max_completion_tokens_wins() -> None:
         ({"n": 3, "best_of": 2}, "best_of", "[n=3, 16]"),
         ({"length_penalty": 2.0}, "length_penalty", "only with `use_beam_search"),
         ({"use_beam_search": True, "temperature": 0.7}, "temperature", "no effect with `use_beam_search`"),
-        ({"use_beam_search": True, "logprobs": True}, "logprobs", "not supported with `use_beam_search` yet"),
-        ({"use_beam_search": True, "guided_regex": "a"}, "guided_regex", "with `use_beam_search` is not supported"),
         ({"chat_template_kwargs_json": "[1]"}, "chat_template_kwargs", "JSON object"),
         ({"chat_template_kwargs_json": '{"messages": 1}'}, "chat_template_kwargs.messages", "cannot be overridden"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),

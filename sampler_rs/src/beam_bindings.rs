@@ -7,6 +7,7 @@ use pyo3::types::{PyBool, PyString};
 
 use crate::beam::{BeamConfig, BeamSearch, EarlyStopping, Hypothesis};
 use crate::bindings::{detached, token_ids, with_logits, PySamplingParams};
+use crate::guide_bindings::PyGuide;
 use crate::sampling::TokenId;
 use crate::SamplerError;
 
@@ -45,6 +46,10 @@ struct PyBeamHypothesis {
     token_ids: Vec<TokenId>,
     score: f64,
     finished_by_eos: bool,
+    /// The raw log-probability of each token.
+    logprobs: Vec<f64>,
+    /// Per token, the best `top_logprobs` raw `(token, log-probability)` alternatives.
+    top_logprobs: Vec<Vec<(TokenId, f64)>>,
 }
 
 impl From<Hypothesis> for PyBeamHypothesis {
@@ -53,6 +58,12 @@ impl From<Hypothesis> for PyBeamHypothesis {
             token_ids: h.token_ids,
             score: f64::from(h.score),
             finished_by_eos: h.finished_by_eos,
+            logprobs: h.logprobs.into_iter().map(f64::from).collect(),
+            top_logprobs: h
+                .top_logprobs
+                .into_iter()
+                .map(|row| row.into_iter().map(|(t, lp)| (t, f64::from(lp))).collect())
+                .collect(),
         }
     }
 }
@@ -84,7 +95,7 @@ impl PyBeamSearch {
     #[new]
     #[pyo3(signature = (
         *, num_beams, num_return, length_penalty=1.0, early_stopping=None, eos_token_ids,
-        max_new_tokens, vocab_size, params=None, prompt_token_ids=None,
+        max_new_tokens, vocab_size, params=None, prompt_token_ids=None, guide=None, top_logprobs=0,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -97,6 +108,8 @@ impl PyBeamSearch {
         vocab_size: i64,
         params: Option<&Bound<'_, PySamplingParams>>,
         prompt_token_ids: Option<Vec<i64>>,
+        guide: Option<&Bound<'_, PyGuide>>,
+        top_logprobs: i64,
     ) -> PyResult<Self> {
         let early_stopping = match early_stopping {
             Some(v) => self::early_stopping(v)?,
@@ -112,6 +125,10 @@ impl PyBeamSearch {
             vocab_size: count("vocab_size", vocab_size)?,
             params: params.map(|p| p.get().inner.clone()),
             prompt_token_ids: token_ids("prompt_token_ids", &prompt_token_ids.unwrap_or_default())?,
+            guide: guide.map(|g| g.get().inner.clone()),
+            top_logprobs: usize::try_from(top_logprobs).map_err(|_| {
+                PyValueError::new_err(format!("`top_logprobs` must be >= 0, got {top_logprobs}"))
+            })?,
         };
         let inner = BeamSearch::new(cfg).map_err(value_error)?;
         Ok(Self { inner })
@@ -123,27 +140,43 @@ impl PyBeamSearch {
         self.inner.steps()
     }
 
+    /// A whole step: the next beams' parents and tokens.
     fn step(
         &mut self,
         py: Python<'_>,
         logits: &Bound<'_, PyAny>,
     ) -> PyResult<(Vec<usize>, Vec<TokenId>)> {
-        if self.inner.is_done() {
-            return Err(PyRuntimeError::new_err(
-                "BeamSearch.step() after the search is done (is_done() is true)",
-            ));
-        }
-        let k = self.inner.config().num_beams;
-        let inner = &mut self.inner;
-        with_logits(logits, |values, rows, width| {
-            if rows != k {
-                return Err(PyValueError::new_err(format!(
-                    "`logits` has {rows} rows for num_beams = {k}"
-                )));
-            }
-            let next = detached(py, || inner.step(values, width))?.map_err(value_error)?;
-            Ok(next.into_iter().unzip())
+        run_step(&mut self.inner, py, "step", logits, |b, values, width| {
+            b.step(values, width)
         })
+    }
+
+    /// The first half of a step: the candidates' beams and tokens, best first; `commit` follows.
+    fn propose(
+        &mut self,
+        py: Python<'_>,
+        logits: &Bound<'_, PyAny>,
+    ) -> PyResult<(Vec<usize>, Vec<TokenId>)> {
+        run_step(
+            &mut self.inner,
+            py,
+            "propose",
+            logits,
+            |b, values, width| b.propose(values, width),
+        )
+    }
+
+    /// The second half: `stops[i]` ends candidate `i` (a stop string) like an EOS; returns
+    /// the next beams' parents and tokens.
+    #[pyo3(signature = (stops=None))]
+    fn commit(
+        &mut self,
+        py: Python<'_>,
+        stops: Option<Vec<bool>>,
+    ) -> PyResult<(Vec<usize>, Vec<TokenId>)> {
+        let inner = &mut self.inner;
+        let next = detached(py, || inner.commit(stops.as_deref()))?.map_err(value_error)?;
+        Ok(next.into_iter().unzip())
     }
 
     fn is_done(&self) -> bool {
@@ -177,6 +210,31 @@ impl PyBeamSearch {
             }
         )
     }
+}
+
+/// A step or its first half on the GIL-free side, after the shape checks.
+fn run_step(
+    inner: &mut BeamSearch,
+    py: Python<'_>,
+    what: &str,
+    logits: &Bound<'_, PyAny>,
+    f: impl FnOnce(&mut BeamSearch, &[f32], usize) -> crate::error::Result<Vec<(usize, TokenId)>> + Send,
+) -> PyResult<(Vec<usize>, Vec<TokenId>)> {
+    if inner.is_done() {
+        return Err(PyRuntimeError::new_err(format!(
+            "BeamSearch.{what}() after the search is done (is_done() is true)"
+        )));
+    }
+    let k = inner.config().num_beams;
+    with_logits(logits, |values, rows, width| {
+        if rows != k {
+            return Err(PyValueError::new_err(format!(
+                "`logits` has {rows} rows for num_beams = {k}"
+            )));
+        }
+        let next = detached(py, || f(inner, values, width))?.map_err(value_error)?;
+        Ok(next.into_iter().unzip())
+    })
 }
 
 /// Adds the beam-search classes to the module.

@@ -123,6 +123,7 @@ class _Group:
     cache: Any = None
     beam: Any = None  # sampler_rs.BeamSearch
     beam_tokens: list[int] = field(default_factory=list)  # the next token of each beam
+    beam_hist: list[list[int]] = field(default_factory=list)  # each beam's generated tokens (for stop strings)
     prompt_lps: tuple[TokenInfo, ...] | None = None  # prompt logprobs, sent with row 0's first event
 
     def emit(self, event: StepEvent) -> None:
@@ -280,8 +281,9 @@ class Engine:
                 num_beams=b.num_beams, num_return=b.num_return, length_penalty=b.length_penalty,
                 early_stopping=b.early_stopping, eos_token_ids=sorted(self.eos_token_ids),
                 max_new_tokens=r.max_new_tokens, vocab_size=self.vocab_size, params=self._sampler_params(r),
-                prompt_token_ids=list(r.prompt_ids),
+                prompt_token_ids=list(r.prompt_ids), guide=r.guide, top_logprobs=r.top_logprobs,
             )  # fmt: skip
+            group.beam_hist = [[] for _ in range(b.num_beams)]
             return
         for i in range(r.rows):
             row = _Row(i, next(self._ids), IncrementalDetokenizer(self.tokenizer),
@@ -420,12 +422,22 @@ class Engine:
         return None
 
     def _beam_step(self, group: _Group, logits: torch.Tensor) -> None:
-        """Advance a beam group; when the search is done, emit its `num_return` best hypotheses, best first."""
+        """Advance a beam group; when the search is done, emit its `num_return` best hypotheses, best first.
+
+        With stop strings, a candidate whose decoded text gains a stop string hits like an EOS (transformers'
+        `StopStringCriteria`): `propose` gives the candidates, this checks them, `commit` finishes the step."""
+        r = group.request
         batch = np.ascontiguousarray(logits.cpu().numpy(), dtype=np.float32)
-        parent, tokens = group.beam.step(batch)
+        if r.stop:
+            beams, tokens = group.beam.propose(batch)
+            hits = [self._gains_stop(r, group.beam_hist[b], t) for b, t in zip(beams, tokens, strict=True)]
+            parent, tokens = group.beam.commit(hits)
+        else:
+            parent, tokens = group.beam.step(batch)
         if not group.beam.is_done():
             group.cache.reorder_cache(torch.tensor(parent, dtype=torch.long))
             group.beam_tokens = list(tokens)
+            group.beam_hist = [[*group.beam_hist[p], t] for p, t in zip(parent, tokens, strict=True)]
             return
         for index, hyp in enumerate(group.beam.finalize()):
             ids = list(hyp.token_ids)
@@ -433,6 +445,29 @@ class Engine:
             text_ids = ids[:-1] if hyp.finished_by_eos else ids
             text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
             finish = FinishReason.STOP if hyp.finished_by_eos else FinishReason.LENGTH
-            group.emit(StepEvent(text, tuple(TokenInfo(t, float("nan")) for t in ids), finish, index=index,
+            if r.stop:
+                stops = StopMatcher(r.stop, r.include_stop_str_in_output)
+                text = stops.push(text, can_stop=True)
+                if stops.stopped:
+                    finish = FinishReason.STOP
+                else:
+                    text += stops.flush()
+            tokens_info = tuple(
+                TokenInfo(t, lp, tuple((int(a), float(b)) for a, b in top))
+                for t, lp, top in zip(ids, hyp.logprobs, hyp.top_logprobs, strict=True)
+            )
+            group.emit(StepEvent(text, tokens_info, finish, index=index,
                                  prompt_logprobs=group.prompt_lps if index == 0 else None))  # fmt: skip
         self._finish(group)
+
+    def _gains_stop(self, request: EngineRequest, hist: list[int], token: int) -> bool:
+        """Whether `hist + [token]` decodes to a text with a stop string that `hist`'s text does not have
+        (only once `min_tokens` tokens are generated)."""
+        if token in self.eos_token_ids or len(hist) + 1 < request.sampling.min_tokens:
+            return False
+        before = self.tokenizer.decode(hist, skip_special_tokens=True)
+        after = self.tokenizer.decode([*hist, token], skip_special_tokens=True)
+        common = next(
+            (i for i, (a, b) in enumerate(zip(before, after, strict=False)) if a != b), min(len(before), len(after))
+        )
+        return any(after.find(s, max(0, common - len(s) + 1)) >= 0 for s in request.stop)

@@ -48,12 +48,28 @@
 //! the running beams scored as if they ended now (`score / t ** lp`), as transformers' legacy
 //! `BeamSearchScorer.finalize` did.
 //!
-//! # Extension point: guided decoding
+//! # Guided decoding
 //!
-//! Per-beam guides are not supported yet. They belong in [`select`]: a beam would carry a
-//! `GuideState` (cloned on reordering, like its history) whose token mask is applied to the row
-//! view together with the edited tokens, before the top-K selection; step 3's EOS rule would
-//! then follow the guide's acceptance.
+//! With a [`Guide`], every beam carries its own [`GuideState`] (cloned with its history when
+//! beams are reordered, then advanced by the beam's new token). Its mask is applied to the
+//! log-probabilities with the other processors (step 5b: every token it does not allow is
+//! `-inf`, as transformers' `PrefixConstrainedLogitsProcessor` does), so EOS is a candidate
+//! exactly when the beam's text is a complete match; when the guide allows EOS alone, step 3's
+//! `min_tokens` rule is skipped (as when sampling). A beam whose guide is finished (a complete
+//! match nothing may follow) can only take EOS next.
+//!
+//! # Stops decided by the caller
+//!
+//! [`BeamSearch::propose`] returns the top-K candidates of a step; [`BeamSearch::commit`]
+//! takes, per candidate, whether something the caller checks (a stop string in the decoded
+//! text, transformers' `StopStringCriteria`) ends it, and finishes the step: such a candidate
+//! *hits* (step 8) exactly as an EOS does. [`BeamSearch::step`] is both with no extra stops.
+//!
+//! # Log-probabilities
+//!
+//! Each beam also keeps, per generated token, the token's raw log-probability (step 1, before
+//! any processor, as the sampler reports it) and, when asked, the best `top_logprobs` raw
+//! alternatives; finished hypotheses carry them.
 
 mod select;
 #[cfg(test)]
@@ -64,6 +80,8 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use crate::error::{Result, SamplerError};
+use crate::guide::{Guide, GuideState};
+use crate::sampling::row::CHUNK;
 use crate::sampling::{SamplingParams, TokenId};
 
 /// Below this many logits per step, rows run on the calling thread.
@@ -106,6 +124,10 @@ pub struct BeamConfig {
     pub params: Option<Arc<SamplingParams>>,
     /// The prompt, for the repetition penalty.
     pub prompt_token_ids: Vec<TokenId>,
+    /// The constraint every beam follows, if any (its vocabulary must not exceed `vocab_size`).
+    pub guide: Option<Guide>,
+    /// Raw alternatives kept per generated token (0: none).
+    pub top_logprobs: usize,
 }
 
 /// A finished (or, from an early [`BeamSearch::finalize`], cut-off) hypothesis.
@@ -117,6 +139,10 @@ pub struct Hypothesis {
     pub score: f32,
     /// The last token is an EOS id.
     pub finished_by_eos: bool,
+    /// The raw log-probability of each token of `token_ids`.
+    pub logprobs: Vec<f32>,
+    /// Per token of `token_ids`, the best `top_logprobs` raw `(token, log-probability)`.
+    pub top_logprobs: Vec<Vec<(TokenId, f32)>>,
 }
 
 /// One live beam.
@@ -126,6 +152,38 @@ struct Beam {
     tokens: Vec<TokenId>,
     /// Sum of the processed log-probabilities (transformers' `running_beam_scores`).
     score: f32,
+    /// Raw log-probability of each generated token.
+    logprobs: Vec<f32>,
+    /// The best raw alternatives of each generated token (empty lists without `top_logprobs`).
+    top: Vec<Vec<(TokenId, f32)>>,
+    /// The beam's position in the guide; `None` unguided, or once the guide refused a token
+    /// (a beam that took a `-inf` filler: it can never win, every token is `-inf` for it).
+    guide: Option<GuideState>,
+}
+
+impl Beam {
+    /// A hypothesis of this beam extended by `c`.
+    fn extended(
+        &self,
+        c: &Candidate,
+        row_top: &[(TokenId, f32)],
+        score: f32,
+        eos: bool,
+    ) -> Hypothesis {
+        let mut token_ids = self.tokens.clone();
+        token_ids.push(c.token);
+        let mut logprobs = self.logprobs.clone();
+        logprobs.push(c.logprob);
+        let mut top_logprobs = self.top.clone();
+        top_logprobs.push(row_top.to_vec());
+        Hypothesis {
+            token_ids,
+            score,
+            finished_by_eos: eos,
+            logprobs,
+            top_logprobs,
+        }
+    }
 }
 
 /// One of the `num_beams` slots of kept hypotheses (transformers' `sequences`/`beam_scores`/
@@ -143,6 +201,19 @@ struct Candidate {
     score: f32,
     beam: usize,
     token: TokenId,
+    /// The token's raw log-probability in its beam's row.
+    logprob: f32,
+}
+
+/// A beam's guide mask and whether it allows EOS alone.
+type BeamMask = (Vec<u32>, bool);
+
+/// A step between [`BeamSearch::propose`] and [`BeamSearch::commit`].
+#[derive(Debug)]
+struct Pending {
+    cands: Vec<Candidate>,
+    /// Per beam, the best raw alternatives of its row.
+    tops: Vec<Vec<(TokenId, f32)>>,
 }
 
 /// The state of one beam search (batch size 1).
@@ -161,6 +232,7 @@ pub struct BeamSearch {
     may_improve: bool,
     steps: usize,
     done: bool,
+    pending: Option<Pending>,
 }
 
 fn invalid(parameter: &'static str, message: String) -> SamplerError {
@@ -245,11 +317,26 @@ impl BeamSearch {
         if let Some(p) = &cfg.params {
             p.check_vocab(cfg.vocab_size)?;
         }
+        if let Some(g) = &cfg.guide {
+            if g.vocab_len() > cfg.vocab_size {
+                return Err(invalid(
+                    "guide",
+                    format!(
+                        "compiled for {} tokens, more than vocab_size = {}",
+                        g.vocab_len(),
+                        cfg.vocab_size
+                    ),
+                ));
+            }
+        }
         let shared = select::Shared::new(cfg.params.clone(), &cfg.prompt_token_ids);
         let beams = (0..cfg.num_beams)
             .map(|b| Beam {
                 tokens: Vec::new(),
                 score: if b == 0 { 0.0 } else { EXCLUDED },
+                logprobs: Vec::new(),
+                top: Vec::new(),
+                guide: cfg.guide.as_ref().map(GuideState::new),
             })
             .collect();
         let slots = vec![
@@ -268,6 +355,7 @@ impl BeamSearch {
             may_improve: true,
             steps: 0,
             done: false,
+            pending: None,
             cfg,
         })
     }
@@ -293,8 +381,16 @@ impl BeamSearch {
 
     /// One step over `logits`, `[num_beams, width]` row-major with `width >= vocab_size` (row
     /// `b` = live beam `b`). Returns, for each beam of the next step, `(parent, token)`: the
-    /// current beam it extends and the token to feed.
+    /// current beam it extends and the token to feed. [`BeamSearch::propose`] then
+    /// [`BeamSearch::commit`] with no extra stops.
     pub fn step(&mut self, logits: &[f32], width: usize) -> Result<Vec<(usize, TokenId)>> {
+        self.propose(logits, width)?;
+        self.commit(None)
+    }
+
+    /// The first half of a step: the top-K candidates `(beam, token)` of `logits`, best first
+    /// (see [`BeamSearch::step`] for the layout). [`BeamSearch::commit`] must follow.
+    pub fn propose(&mut self, logits: &[f32], width: usize) -> Result<Vec<(usize, TokenId)>> {
         let k = self.cfg.num_beams;
         let v = self.cfg.vocab_size;
         if self.done {
@@ -309,12 +405,42 @@ impl BeamSearch {
                 logits.len()
             )));
         }
-        let cands = self.top_candidates(logits, width);
+        let pending = self.top_candidates(logits, width)?;
+        let out = pending.cands.iter().map(|c| (c.beam, c.token)).collect();
+        self.pending = Some(pending);
+        Ok(out)
+    }
+
+    /// The second half of a step: `stops[i]` says whether the caller ends candidate `i` of
+    /// [`BeamSearch::propose`] (a stop string), which then hits like an EOS. Returns the next
+    /// beams as [`BeamSearch::step`] does.
+    pub fn commit(&mut self, stops: Option<&[bool]>) -> Result<Vec<(usize, TokenId)>> {
+        let k = self.cfg.num_beams;
+        let Some(Pending { cands, tops }) = self.pending.take() else {
+            return Err(invalid(
+                "commit",
+                "called without a proposed step (call propose() first)".to_string(),
+            ));
+        };
+        if let Some(stops) = stops {
+            if stops.len() != cands.len() {
+                let n = cands.len();
+                self.pending = Some(Pending { cands, tops });
+                return Err(invalid(
+                    "stops",
+                    format!(
+                        "must hold one flag per candidate ({n}), got {}",
+                        stops.len()
+                    ),
+                ));
+            }
+        }
         let t = self.steps;
         let at_limit = t + 1 >= self.cfg.max_new_tokens;
         let hits: Vec<bool> = cands
             .iter()
-            .map(|c| at_limit || self.is_eos(c.token))
+            .enumerate()
+            .map(|(i, c)| at_limit || self.is_eos(c.token) || stops.is_some_and(|s| s[i]))
             .collect();
 
         // Next running beams: the best `k` of `s + hits * -1e9`.
@@ -352,15 +478,9 @@ impl BeamSearch {
                     return self.slots[j].clone();
                 }
                 let i = j - k;
-                let c = cands[i];
+                let c = &cands[i];
                 let hyp = (hits[i] && i < k).then(|| {
-                    let mut token_ids = self.beams[c.beam].tokens.clone();
-                    token_ids.push(c.token);
-                    Hypothesis {
-                        token_ids,
-                        score,
-                        finished_by_eos: self.is_eos(c.token),
-                    }
+                    self.beams[c.beam].extended(c, &tops[c.beam], score, self.is_eos(c.token))
                 });
                 Slot { score, hyp }
             })
@@ -374,11 +494,27 @@ impl BeamSearch {
         self.beams = order
             .iter()
             .map(|&(score, i)| {
-                let c = cands[i];
+                let c = &cands[i];
+                let parent = &self.beams[c.beam];
                 let mut tokens = Vec::with_capacity(t + 1);
-                tokens.extend_from_slice(&self.beams[c.beam].tokens);
+                tokens.extend_from_slice(&parent.tokens);
                 tokens.push(c.token);
-                Beam { tokens, score }
+                let mut logprobs = Vec::with_capacity(t + 1);
+                logprobs.extend_from_slice(&parent.logprobs);
+                logprobs.push(c.logprob);
+                let mut top = parent.top.clone();
+                top.push(tops[c.beam].clone());
+                let guide = parent
+                    .guide
+                    .clone()
+                    .and_then(|mut g| g.advance(c.token).then_some(g));
+                Beam {
+                    tokens,
+                    score,
+                    logprobs,
+                    top,
+                    guide,
+                }
             })
             .collect();
         self.steps = t + 1;
@@ -407,12 +543,45 @@ impl BeamSearch {
         Ok(next)
     }
 
-    /// The top `K` continuations over all beams, best first.
-    fn top_candidates(&self, logits: &[f32], width: usize) -> Vec<Candidate> {
+    /// Each beam's guide mask and whether it allows EOS alone (`None` unguided); a beam whose
+    /// guide refused its last token gets an all-clear mask.
+    fn masks(&mut self) -> Result<Vec<Option<BeamMask>>> {
+        let Some(guide) = self.cfg.guide.clone() else {
+            return Ok(vec![None; self.beams.len()]);
+        };
+        let words = 2 * self.cfg.vocab_size.div_ceil(CHUNK);
+        let fill = |(b, beam): (usize, &mut Beam)| -> Result<Option<BeamMask>> {
+            let mut mask = vec![0u32; words];
+            if let Some(state) = &mut beam.guide {
+                state
+                    .fill_mask(&mut mask)
+                    .map_err(|e| SamplerError::Guide {
+                        seq_id: b as u64,
+                        message: format!("computing beam {b}'s token mask: {e}"),
+                    })?;
+            }
+            let only_eos = guide.allows_only_eos(&mask);
+            Ok(Some((mask, only_eos)))
+        };
+        if self.steps == 0 {
+            // Every beam starts at the guide's start: one mask serves all.
+            let first = fill((0, &mut self.beams[0]))?;
+            return Ok(vec![first; self.beams.len()]);
+        }
+        self.beams.par_iter_mut().enumerate().map(fill).collect()
+    }
+
+    /// The top `K` continuations over all beams, best first, with each beam's raw alternatives.
+    fn top_candidates(&mut self, logits: &[f32], width: usize) -> Result<Pending> {
         let v = self.cfg.vocab_size;
         let keep = self.keep;
-        let row = |b: usize| -> Vec<(f32, TokenId)> {
+        let masks = self.masks()?;
+        let row = |b: usize| -> select::RowTop {
             let beam = &self.beams[b];
+            let mask = masks[b].as_ref().map(|(bits, only_eos)| select::RowMask {
+                bits,
+                only_eos: *only_eos,
+            });
             select::row_top(
                 &logits[b * width..b * width + v],
                 &self.shared,
@@ -420,9 +589,11 @@ impl BeamSearch {
                 &self.eos,
                 beam.score,
                 keep,
+                mask,
+                self.cfg.top_logprobs,
             )
         };
-        let rows: Vec<Vec<(f32, TokenId)>> = if self.cfg.num_beams * v >= PARALLEL_MIN_ELEMENTS {
+        let rows: Vec<select::RowTop> = if self.cfg.num_beams * v >= PARALLEL_MIN_ELEMENTS {
             (0..self.cfg.num_beams).into_par_iter().map(row).collect()
         } else {
             (0..self.cfg.num_beams).map(row).collect()
@@ -430,17 +601,24 @@ impl BeamSearch {
         let mut all: Vec<(f32, usize)> = rows
             .iter()
             .enumerate()
-            .flat_map(|(b, r)| r.iter().map(move |&(s, t)| (s, b * v + t as usize)))
+            .flat_map(|(b, r)| r.cands.iter().map(move |&(s, t)| (s, b * v + t as usize)))
             .collect();
         all.sort_by(|&a, &b| better(a, b));
         all.truncate(keep);
-        all.into_iter()
-            .map(|(score, flat)| Candidate {
-                score,
-                beam: flat / v,
-                token: (flat % v) as TokenId,
+        let cands = all
+            .into_iter()
+            .map(|(score, flat)| {
+                let (beam, token) = (flat / v, flat % v);
+                Candidate {
+                    score,
+                    beam,
+                    token: token as TokenId,
+                    logprob: rows[beam].lse.logprob(logits[beam * width + token]),
+                }
             })
-            .collect()
+            .collect();
+        let tops = rows.into_iter().map(|r| r.top).collect();
+        Ok(Pending { cands, tops })
     }
 
     /// The `num_return` best hypotheses, best first. When the search is not done (the engine
@@ -468,6 +646,8 @@ impl BeamSearch {
                     token_ids: b.tokens.clone(),
                     score: b.score / div,
                     finished_by_eos: false,
+                    logprobs: b.logprobs.clone(),
+                    top_logprobs: b.top.clone(),
                 }),
         );
         let mut order: Vec<(f32, usize)> =

@@ -9,7 +9,7 @@
 use std::cell::RefCell;
 use std::sync::Arc;
 
-use crate::sampling::row::{kth_largest, RowBuffers, RowView, TopN, CHUNK};
+use crate::sampling::row::{kth_largest, LogSumExp, RowBuffers, RowView, TopN, CHUNK};
 use crate::sampling::{SamplingParams, TokenId};
 
 /// What the processors need besides a beam's own history, shared by all beams.
@@ -54,9 +54,35 @@ fn contains(sorted: &[TokenId], t: TokenId) -> bool {
     sorted.binary_search(&t).is_ok()
 }
 
-/// The best `keep` continuations of one beam, `(score, token)` best first (ties: lower token),
-/// with `score = processed log-probability + running`. `raw` is the row's first `vocab_size`
-/// logits; `generated` the beam's tokens; `eos` sorted.
+/// What one beam's row yields for a step.
+#[derive(Debug)]
+pub(super) struct RowTop {
+    /// The best `keep` continuations, `(score, token)` best first (ties: lower token), with
+    /// `score = processed log-probability + running`.
+    pub cands: Vec<(f32, TokenId)>,
+    /// The raw row's log-sum-exp (for the raw log-probability of any token).
+    pub lse: LogSumExp,
+    /// The best `top_n` raw tokens with their raw log-probabilities, best first.
+    pub top: Vec<(TokenId, f32)>,
+}
+
+/// How a guide constrains one beam's row.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct RowMask<'a> {
+    /// The allowed-token bitmask (bit `t % 32` of word `t / 32`), `2 * chunks` words.
+    pub bits: &'a [u32],
+    /// The mask allows an EOS id and nothing else: the `min_tokens` EOS rule is then skipped
+    /// (as when sampling), or nothing would be allowed.
+    pub only_eos: bool,
+}
+
+fn allowed(mask: Option<RowMask<'_>>, t: TokenId) -> bool {
+    mask.is_none_or(|m| m.bits[t as usize / 32] >> (t % 32) & 1 == 1)
+}
+
+/// One beam's row: `raw` is the row's first `vocab_size` logits; `generated` the beam's
+/// tokens; `eos` sorted; `mask` the beam's guide mask, if guided.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn row_top(
     raw: &[f32],
     shared: &Shared,
@@ -64,10 +90,14 @@ pub(super) fn row_top(
     eos: &[TokenId],
     running: f32,
     keep: usize,
-) -> Vec<(f32, TokenId)> {
-    SCRATCH.with_borrow_mut(|s| row_top_in(raw, shared, generated, eos, running, keep, s))
+    mask: Option<RowMask<'_>>,
+    top_n: usize,
+) -> RowTop {
+    SCRATCH
+        .with_borrow_mut(|s| row_top_in(raw, shared, generated, eos, running, keep, mask, top_n, s))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn row_top_in(
     raw: &[f32],
     shared: &Shared,
@@ -75,8 +105,10 @@ fn row_top_in(
     eos: &[TokenId],
     running: f32,
     keep: usize,
+    mask: Option<RowMask<'_>>,
+    top_n: usize,
     s: &mut Scratch,
-) -> Vec<(f32, TokenId)> {
+) -> RowTop {
     let Scratch {
         row,
         floats,
@@ -84,7 +116,8 @@ fn row_top_in(
         ids,
         generated: gen_sorted,
     } = s;
-    let (mut view, lse) = RowView::new(raw, row, &mut TopN::new(0));
+    let mut top = TopN::new(top_n);
+    let (mut view, lse) = RowView::new(raw, row, &mut top);
     // torch's CPU log_softmax: `(x - max) - log(sum)`, in f32.
     let ln_sum = lse.ln_sum as f32;
     let logprob = |x: f32| (x - lse.max) - ln_sum;
@@ -94,6 +127,7 @@ fn row_top_in(
     if let Some(p) = shared.params.as_deref() {
         let bias = p.logit_bias();
         let masks_eos = !eos.is_empty()
+            && !mask.is_some_and(|m| m.only_eos)
             && (p.config().ignore_eos || (generated.len() as i64) < p.config().min_tokens);
         let rep = p.repetition_penalty();
         let fp = p.frequency_presence();
@@ -135,6 +169,9 @@ fn row_top_in(
                     v = v - n as f32 * f - pr;
                 }
             }
+            if !allowed(mask, t) {
+                v = f32::NEG_INFINITY;
+            }
             edited.push((t, v));
         }
         if edited.len() > view.n_chunks() {
@@ -143,24 +180,43 @@ fn row_top_in(
         for &(t, _) in edited.iter() {
             view.set(t, f32::NEG_INFINITY);
         }
-        view.finish_edits();
     }
+    // The guide's mask (after log-softmax, as transformers' `PrefixConstrainedLogitsProcessor`
+    // adds `-inf` to the log-probabilities): every token it does not allow is `-inf`.
+    if let Some(m) = mask {
+        view.apply_mask(m.bits);
+    }
+    view.finish_edits();
 
     // The best unedited tokens: every token at or above the `keep`-th largest chunk maximum
     // (`keep` chunks reach it, so at least `keep` tokens do). With fewer than `keep` chunks
-    // holding a finite value, every token of the row.
+    // holding a finite value (a guide allowing few tokens), every finite token of the row, and
+    // the first `keep` `-inf` ones by id as fillers (transformers' top-K takes `-inf` entries
+    // when nothing better is left; they never win).
     let thr = kth_largest(view.chunk_maxima(), keep, floats);
     let mut out: Vec<(f32, TokenId)> = Vec::with_capacity(2 * keep + edited.len());
+    let mut fillers = 0;
     for c in 0..view.n_chunks() {
-        if thr > f32::NEG_INFINITY && view.chunk_max(c) < thr {
+        let cmax = view.chunk_max(c);
+        if thr > f32::NEG_INFINITY && cmax < thr {
+            continue;
+        }
+        if cmax == f32::NEG_INFINITY && fillers >= keep {
             continue;
         }
         let base = c * CHUNK;
         for (j, &x) in view.chunk(c).iter().enumerate() {
             let t = (base + j) as TokenId;
-            if (x >= thr || thr == f32::NEG_INFINITY)
-                && !(x == f32::NEG_INFINITY && edited.binary_search_by_key(&t, |&(e, _)| e).is_ok())
-            {
+            if x == f32::NEG_INFINITY {
+                if thr > f32::NEG_INFINITY
+                    || fillers >= keep
+                    || edited.binary_search_by_key(&t, |&(e, _)| e).is_ok()
+                {
+                    continue;
+                }
+                fillers += 1;
+                out.push((f32::NEG_INFINITY, t));
+            } else if x >= thr || thr == f32::NEG_INFINITY {
                 out.push((logprob(x) + running, t));
             }
         }
@@ -172,5 +228,14 @@ fn row_top_in(
         nb.total_cmp(&na).then(a.1.cmp(&b.1))
     });
     out.truncate(keep);
-    out
+    let top = top
+        .items()
+        .iter()
+        .map(|&(t, x)| (t, lse.logprob(x)))
+        .collect();
+    RowTop {
+        cands: out,
+        lse,
+        top,
+    }
 }

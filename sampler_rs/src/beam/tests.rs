@@ -20,6 +20,8 @@ fn config(k: usize, n: usize, v: usize, eos: &[TokenId], m: usize) -> BeamConfig
         vocab_size: v,
         params: None,
         prompt_token_ids: vec![],
+        guide: None,
+        top_logprobs: 0,
     }
 }
 
@@ -353,6 +355,8 @@ proptest! {
             vocab_size: v,
             params,
             prompt_token_ids: vec![3, 6, 6, 7],
+            guide: None,
+            top_logprobs: 0,
         };
         let mut ours = BeamSearch::new(cfg.clone()).unwrap();
         let mut reference = Reference::new(cfg);
@@ -367,14 +371,166 @@ proptest! {
             prop_assert_eq!(a, b);
             prop_assert_eq!(ours.is_done(), reference.done);
         }
-        let hyps = ours.finalize().unwrap();
-        let expected: Vec<Hypothesis> = reference.slots[..ours.cfg.num_return]
+        let hyps: Vec<(Vec<TokenId>, f32, bool)> = ours
+            .finalize()
+            .unwrap()
+            .into_iter()
+            .map(|h| (h.token_ids, h.score, h.finished_by_eos))
+            .collect();
+        let expected: Vec<(Vec<TokenId>, f32, bool)> = reference.slots[..ours.cfg.num_return]
             .iter()
             .map(|(score, h)| {
                 let (token_ids, finished_by_eos) = h.clone().expect("done: every slot finished");
-                Hypothesis { token_ids, score: *score, finished_by_eos }
+                (token_ids, *score, finished_by_eos)
             })
             .collect();
         prop_assert_eq!(hyps, expected);
     }
+}
+
+/// Runs a search to the end on the deterministic rows of [`row_for`].
+fn run_to_end(bs: &mut BeamSearch, seed: u64) -> Vec<Hypothesis> {
+    let v = bs.cfg.vocab_size;
+    while !bs.is_done() {
+        let logits: Vec<f32> = bs
+            .beams
+            .iter()
+            .flat_map(|b| row_for(seed, &b.tokens, v))
+            .collect();
+        bs.step(&logits, v).unwrap();
+    }
+    bs.finalize().unwrap()
+}
+
+fn guided_config(spec: &crate::guide::GuideSpec, k: usize, m: usize) -> BeamConfig {
+    let vocab = crate::guide::tests::toy_vocab();
+    let v = crate::guide::tests::toy_tokens().len();
+    let mut cfg = config(k, k, v, &[2], m);
+    cfg.guide = Some(vocab.compile(spec).unwrap());
+    cfg
+}
+
+fn text_of(h: &Hypothesis) -> Vec<u8> {
+    let tokens = crate::guide::tests::toy_tokens();
+    let body = if h.finished_by_eos {
+        &h.token_ids[..h.token_ids.len() - 1]
+    } else {
+        &h.token_ids[..]
+    };
+    body.iter()
+        .flat_map(|&t| tokens[t as usize].clone())
+        .collect()
+}
+
+#[test]
+fn guided_beams_return_only_choices() {
+    let choices = ["abc", "ab", "yes", "no", "true"];
+    let spec = crate::guide::GuideSpec::Choice(choices.iter().map(|c| c.to_string()).collect());
+    for seed in 0..20 {
+        let mut bs = BeamSearch::new(guided_config(&spec, 4, 10)).unwrap();
+        let hyps = run_to_end(&mut bs, seed);
+        assert_eq!(hyps.len(), 4);
+        for h in &hyps {
+            assert!(h.finished_by_eos, "seed {seed}: {h:?} did not end with EOS");
+            let text = String::from_utf8(text_of(h)).unwrap();
+            assert!(
+                choices.contains(&text.as_str()),
+                "seed {seed}: {text:?} is not a choice"
+            );
+        }
+    }
+}
+
+#[test]
+fn guided_beams_follow_a_regex_and_stop_at_the_length_limit() {
+    let spec = crate::guide::GuideSpec::Regex("[ab]+c?".to_string());
+    for seed in 0..20 {
+        let mut bs = BeamSearch::new(guided_config(&spec, 3, 6)).unwrap();
+        for h in run_to_end(&mut bs, seed) {
+            let text = String::from_utf8(text_of(&h)).unwrap();
+            let ok = !text.is_empty()
+                && text
+                    .trim_end_matches('c')
+                    .chars()
+                    .all(|c| c == 'a' || c == 'b')
+                && text.matches('c').count() <= 1;
+            assert!(ok, "seed {seed}: {text:?} does not match [ab]+c?");
+            assert!(h.finished_by_eos || h.token_ids.len() == 6);
+        }
+    }
+}
+
+#[test]
+fn a_guide_larger_than_the_vocabulary_is_refused() {
+    let spec = crate::guide::GuideSpec::Regex("a".to_string());
+    let mut cfg = guided_config(&spec, 2, 4);
+    cfg.vocab_size = 100;
+    let err = BeamSearch::new(cfg).unwrap_err();
+    assert!(err.to_string().contains("guide"), "{err}");
+}
+
+#[test]
+fn logprobs_are_the_raw_log_softmax_of_each_step() {
+    let v = 50;
+    let mut cfg = config(3, 3, v, &[1], 7);
+    cfg.top_logprobs = 2;
+    let mut bs = BeamSearch::new(cfg).unwrap();
+    let hyps = run_to_end(&mut bs, 7);
+    for h in hyps {
+        assert_eq!(h.logprobs.len(), h.token_ids.len());
+        assert_eq!(h.top_logprobs.len(), h.token_ids.len());
+        for (i, &t) in h.token_ids.iter().enumerate() {
+            let row = row_for(7, &h.token_ids[..i], v);
+            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let ln_sum = row
+                .iter()
+                .map(|&x| f64::from(x - m).exp())
+                .sum::<f64>()
+                .ln();
+            let lp = |x: f32| (f64::from(x - m) - ln_sum) as f32;
+            assert!((h.logprobs[i] - lp(row[t as usize])).abs() < 1e-5);
+            let mut order: Vec<usize> = (0..v).collect();
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+            let want: Vec<(TokenId, f32)> = order[..2]
+                .iter()
+                .map(|&j| (j as TokenId, lp(row[j])))
+                .collect();
+            assert_eq!(h.top_logprobs[i].len(), 2);
+            for (got, want) in h.top_logprobs[i].iter().zip(&want) {
+                assert_eq!(got.0, want.0);
+                assert!((got.1 - want.1).abs() < 1e-5);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_stop_from_the_caller_finishes_a_candidate_like_eos() {
+    let v = 20;
+    let mut bs = BeamSearch::new(config(2, 2, v, &[], 10)).unwrap();
+    let logits: Vec<f32> = (0..2).flat_map(|_| row_for(3, &[], v)).collect();
+    let cands = bs.propose(&logits, v).unwrap();
+    // Stop the best candidate: it becomes a finished hypothesis and leaves the running beams.
+    let mut stops = vec![false; cands.len()];
+    stops[0] = true;
+    let next = bs.commit(Some(&stops)).unwrap();
+    assert!(!next.contains(&cands[0]));
+    assert_eq!(next, cands[1..3].to_vec());
+    let slot = bs
+        .slots
+        .iter()
+        .find_map(|s| s.hyp.clone())
+        .expect("one finished hypothesis");
+    assert_eq!(slot.token_ids, vec![cands[0].1]);
+    assert!(!slot.finished_by_eos);
+    // Commit needs a proposal, and one flag per candidate.
+    assert!(bs.commit(None).is_err());
+    let logits: Vec<f32> = bs
+        .beams
+        .iter()
+        .flat_map(|b| row_for(3, &b.tokens, v))
+        .collect();
+    bs.propose(&logits, v).unwrap();
+    assert!(bs.commit(Some(&[true])).is_err());
+    assert!(bs.commit(None).is_ok());
 }

@@ -236,6 +236,25 @@ impl std::fmt::Debug for GuideState {
     }
 }
 
+impl Clone for GuideState {
+    /// An independent copy at the same position (a beam extended by two tokens).
+    fn clone(&self) -> Self {
+        let kind = match &self.kind {
+            StateKind::Dfa(s) => StateKind::Dfa(*s),
+            StateKind::Llg(m) => {
+                let m = m.lock().unwrap_or_else(|p| p.into_inner());
+                StateKind::Llg(Box::new(Mutex::new(m.clone())))
+            }
+        };
+        GuideState {
+            guide: self.guide.clone(),
+            kind,
+            ended: self.ended,
+            llg_accepting: self.llg_accepting,
+        }
+    }
+}
+
 impl GuideState {
     /// A sequence at the start of `guide`.
     pub fn new(guide: &Guide) -> GuideState {

@@ -55,6 +55,18 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         help="requests that may wait beyond those; more get 429 (RESOURCE_EXHAUSTED)",
     )
     p.add_argument(
+        "--kv-cache-tokens",
+        type=int,
+        default=16384,
+        help="KV cache size in tokens (paged, 16 per block); admission waits and preemption frees when it is full",
+    )
+    p.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=1024,
+        help="tokens per forward pass: every decoding sequence's one token, then prompt chunks (chunked prefill)",
+    )
+    p.add_argument(
         "--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port (off by default)"
     )
     p.add_argument(
@@ -156,7 +168,8 @@ async def _run_service(args: argparse.Namespace, with_gateway: bool) -> None:
         allow_request_chat_template=not args.no_request_chat_template,
     )
     service = Service(host=args.grpc_host, port=args.grpc_port, limits=limits, max_running=args.max_running,
-                      max_waiting=args.max_waiting)  # fmt: skip
+                      max_waiting=args.max_waiting, kv_cache_tokens=args.kv_cache_tokens,
+                      max_batch_tokens=args.max_batch_tokens)  # fmt: skip
     if args.metrics_port is not None:
         port = service.state.metrics.serve(args.grpc_host, args.metrics_port)
         log.info("service metrics", extra={"fields": {"url": f"http://{args.grpc_host}:{port}/metrics"}})

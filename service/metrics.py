@@ -33,13 +33,19 @@ class ServiceMetrics:
                              buckets=_LATENCY, registry=r)  # fmt: skip
         self.e2e = Histogram("tokenwire:e2e_request_latency_seconds", "Submit to the last event", buckets=_LATENCY,
                              registry=r)  # fmt: skip
+        self.kv_usage = Gauge("tokenwire:kv_cache_usage_perc", "Fraction of the paged KV cache's blocks in use",
+                              registry=r)  # fmt: skip
+        self.preemptions = Counter("tokenwire:num_preemptions", "Groups preempted (KV cache full; recomputed later)",
+                                   registry=r)  # fmt: skip
         self._seen_tokens = 0
         self._seen_cancellations = 0
+        self._seen_preemptions = 0
 
     def bind(self, engine: Engine) -> None:
         """Read the engine's counters at scrape time."""
         self.running.set_function(lambda: float(engine.num_stepping()))
         self.waiting.set_function(lambda: float(engine.num_waiting()))
+        self.kv_usage.set_function(engine.kv_usage)
         self._engine = engine
 
     def sync(self) -> None:
@@ -51,6 +57,8 @@ class ServiceMetrics:
         self.generation_tokens.inc(max(0, tokens - self._seen_tokens))
         self.cancellations.inc(max(0, cancels - self._seen_cancellations))
         self._seen_tokens, self._seen_cancellations = tokens, cancels
+        self.preemptions.inc(max(0, engine.preemptions - self._seen_preemptions))
+        self._seen_preemptions = engine.preemptions
 
     def serve(self, host: str, port: int) -> int:
         """Expose /metrics on its own port (a thread); return the port."""

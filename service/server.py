@@ -30,8 +30,9 @@ from .engine import (
     SequenceHandle,
     StepEvent,
     TokenInfo,
+    TooLarge,
 )
-from .errors import DeadlineExceeded, Overloaded, ServiceError, ServiceUnavailable
+from .errors import ContextLengthExceeded, DeadlineExceeded, Overloaded, ServiceError, ServiceUnavailable
 from .metrics import ServiceMetrics
 from .model import ServedModel
 from .params import ChatParams, Limits, validate
@@ -129,6 +130,9 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         except QueueFull as exc:
             self.state.metrics.rejected.labels("queue_full").inc()
             raise Overloaded(f"the server is busy ({exc}); retry shortly") from exc
+        except TooLarge as exc:
+            self.state.metrics.rejected.labels("too_large").inc()
+            raise ContextLengthExceeded(str(exc), "max_tokens") from exc
 
     async def _events(self, handle: SequenceHandle, deadline: float | None) -> AsyncIterator[StepEvent]:
         """The request's events until it finishes; DeadlineExceeded past `deadline` (monotonic seconds).
@@ -351,13 +355,20 @@ class Service:
         limits: Limits | None = None,
         max_running: int = 64,
         max_waiting: int = 256,
+        kv_cache_tokens: int = 16384,
+        max_batch_tokens: int = 1024,
     ) -> None:
         self.state = ServiceState(limits or Limits())
         self.max_running, self.max_waiting = max_running, max_waiting
+        self.kv_cache_tokens, self.max_batch_tokens = kv_cache_tokens, max_batch_tokens
         self.server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", self.state.limits.max_request_bytes + 1024 * 1024),
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                # Accept the gateway's keepalive pings (every 60 s) on streams that are silent while they wait in
+                # the queue; the default minimum (5 min) answers them with GOAWAY "too_many_pings".
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", 30_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 30_000),
             ]
         )
         chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(self.state), self.server)
@@ -389,6 +400,8 @@ class Service:
             eos_token_ids=served.eos_token_ids,
             max_running=self.max_running,
             max_waiting=self.max_waiting,
+            kv_cache_tokens=self.kv_cache_tokens,
+            max_batch_tokens=self.max_batch_tokens,
         )
         engine.start()
         self.state.metrics.bind(engine)

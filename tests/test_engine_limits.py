@@ -92,7 +92,8 @@ def test_service_metrics(servers: Servers) -> None:
     for name in ("tokenwire:num_requests_running", "tokenwire:num_requests_waiting",
                  "tokenwire:generation_tokens_total", "tokenwire:time_to_first_token_seconds_bucket",
                  "tokenwire:inter_token_latency_seconds_bucket", "tokenwire:request_success_total",
-                 "tokenwire:request_cancellations_total"):  # fmt: skip
+                 "tokenwire:request_cancellations_total", "tokenwire:kv_cache_usage_perc",
+                 "tokenwire:num_preemptions_total"):  # fmt: skip
         assert name in text, name
     tokens = next(float(line.split()[-1]) for line in text.splitlines()
                   if line.startswith("tokenwire:generation_tokens_total"))  # fmt: skip

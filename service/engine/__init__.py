@@ -1,6 +1,17 @@
-"""The engine: one loop, on its own thread, that steps every running sequence and samples through sampler_rs."""
+"""The engine: one loop, on its own thread, that runs one forward pass per step for every running sequence
+(continuous batching over a paged KV cache) and samples through sampler_rs."""
 
-from .engine import BeamSettings, Engine, EngineRequest, FinishReason, QueueFull, SequenceHandle, StepEvent, TokenInfo
+from .engine import (
+    BeamSettings,
+    Engine,
+    EngineRequest,
+    FinishReason,
+    QueueFull,
+    SequenceHandle,
+    StepEvent,
+    TokenInfo,
+    TooLarge,
+)
 
 __all__ = [
     "BeamSettings",
@@ -11,4 +22,5 @@ __all__ = [
     "SequenceHandle",
     "StepEvent",
     "TokenInfo",
+    "TooLarge",
 ]

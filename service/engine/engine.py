@@ -1,21 +1,32 @@
-"""The engine loop: admit new requests, run one forward per request group, sample all rows in one sampler call.
+"""The engine loop: continuous batching. Every step, one forward pass over every running sequence.
 
-A request is a *group* of rows that share one batched KV cache: one row for a plain completion, `n` (or
-`best_of`) rows for several samples of one prompt, `num_beams` rows for beam search. The prompt is computed once
-per group: a sampling group prefills it with batch 1 and repeats the cache `n` times; a beam group prefills it
-with batch `num_beams`, as transformers' `generate` does, so its beams equal transformers' bit for bit.
+A request is a *group* of rows: one row for a plain completion, `n` (or `best_of`) sampled rows, or `num_beams`
+beams. Each row is a KV *sequence* in the paged cache (`kv.py`): a block table, the positions already written,
+and the tokens still to feed (`pending`: a prompt, a recompute after preemption, or the last sampled token). The
+prompt of a group is fed once, as one sequence; when it is complete the group forks into its rows, which share
+the prompt's full KV blocks.
+
+One step (`_step`):
+1. **admission** (`_admit`): cancelled groups leave (their blocks freed); waiting groups join, preempted ones
+   first, then new ones in arrival order, while fewer than `max_running` run and the free KV blocks cover the
+   newcomer's prompt;
+2. **scheduling** (`_schedule`): every decoding sequence feeds its one pending token; prefilling sequences
+   (prompts, recomputes) take the rest of the `max_batch_tokens` budget, first come first served, in chunks
+   (chunked prefill: a long prompt never holds back the others' tokens for more than one step's budget);
+3. **KV blocks**: the scheduled positions are reserved; when the cache is full the most recently admitted group
+   is *preempted* (recompute policy: its blocks are freed, it goes back to the head of the queue, and when
+   re-admitted each of its rows re-feeds its prompt plus what it generated, then continues exactly where it was;
+   sampler state such as seeds, penalties and guides lives on in `sampler_rs`);
+4. **one forward** (`ModelRunner.forward`): all chunks as one ragged batch; logits only where needed;
+5. **sampling**: the rows whose pending tokens are all fed get their next token from one `Sampler.step` call
+   (all groups together); a beam group whose beams are all fed takes one `BeamSearch.step` and its sequences
+   are forked / dropped to follow the new beams;
+6. per row: append the token, detokenize, match stop strings, emit a `StepEvent`; finished rows free their
+   blocks; an empty group leaves.
 
 Threading: the loop runs on its own thread, never on the asyncio event loop (health checks stay responsive).
 Requests come in through `submit()` (thread-safe); each group's events go out through its own asyncio queue via
 `loop.call_soon_threadsafe`. `cancel()` (also thread-safe) frees a group at the start of the next step.
-
-One step:
-1. take newly submitted groups and drop cancelled ones (freeing their KV cache and sampler state);
-2. per group, one forward: the prompt for a new group (prefill), else the last token of each live row;
-3. beam groups: `BeamSearch.step` on the group's logits picks the next beams; the cache is reordered to them;
-4. sampling rows of all groups: their logits stacked into one `[rows, vocab]` float32 array, one `Sampler.step`;
-5. per row: append the token, detokenize, match stop strings, decide whether it finished, push a `StepEvent`;
-   finished rows leave the group's cache (`batch_select_indices`), and an empty group leaves the engine.
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ import sampler_rs
 
 from ..params import SamplingParams
 from .detokenizer import IncrementalDetokenizer
+from .kv import Chunk, OutOfBlocks
 from .runner import ModelRunner
 from .stops import StopMatcher
 
@@ -104,11 +116,23 @@ class EngineRequest:
 
 
 @dataclass
+class _Seq:
+    """One KV sequence: its block table, how many positions hold KV, and the tokens still to feed."""
+
+    table: list[int] = field(default_factory=list)
+    length: int = 0
+    pending: list[int] = field(default_factory=list)
+    fed: int = 0  # tokens of `pending` scheduled in the current step
+    logits: torch.Tensor | None = None  # next-token logits once everything is fed, until they are used
+
+
+@dataclass
 class _Row:
     index: int
     seq_id: int  # the sampler's id for this row
     detok: IncrementalDetokenizer
     stops: StopMatcher
+    kv: _Seq
     output_ids: list[int] = field(default_factory=list)
     pending_text: str = ""  # decoded this step, not yet through the stop matcher
 
@@ -119,21 +143,35 @@ class _Group:
     request: EngineRequest
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[StepEvent]
-    live: list[_Row] = field(default_factory=list)  # sampling rows still running, in cache batch order
-    cache: Any = None
+    admitted: int = 0  # admission order (the latest admitted is preempted first)
+    prompt: _Seq | None = None  # the prompt, while it is fed (before the group forks into rows or beams)
+    live: list[_Row] = field(default_factory=list)  # sampling rows still running
     beam: Any = None  # sampler_rs.BeamSearch
-    beam_tokens: list[int] = field(default_factory=list)  # the next token of each beam
-    beam_hist: list[list[int]] = field(default_factory=list)  # each beam's generated tokens (for stop strings)
-    prompt_lps: tuple[TokenInfo, ...] | None = None  # prompt logprobs, sent with row 0's first event
+    beams: list[_Seq] = field(default_factory=list)  # one sequence per beam, in beam order
+    beam_hist: list[list[int]] = field(default_factory=list)  # each beam's generated tokens
+    prompt_lps: list[float] = field(default_factory=list)  # prompt logprobs so far (chunk by chunk)
+    prompt_info: tuple[TokenInfo, ...] | None = None  # prompt logprobs, sent with row 0's first event
+    rows_made: bool = False  # the rows (or beams) exist; until then `prompt` is fed
 
     def emit(self, event: StepEvent) -> None:
         # RuntimeError: the consumer's event loop is closed, nobody is listening any more.
         with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
+    def seqs(self) -> list[_Seq]:
+        if not self.rows_made:
+            return [self.prompt] if self.prompt is not None else []
+        if self.beam is not None:
+            return self.beams
+        return [row.kv for row in self.live]
+
 
 class QueueFull(Exception):
     """The engine's waiting queue is full (backpressure: the caller should retry later)."""
+
+
+class TooLarge(Exception):
+    """The request alone needs more KV cache than the engine has."""
 
 
 class SequenceHandle:
@@ -168,7 +206,7 @@ class SequenceHandle:
 
 
 class Engine:
-    """Owns the model runner, the sampler and the step loop thread."""
+    """Owns the model runner (and its paged KV cache), the sampler and the step loop thread."""
 
     def __init__(
         self,
@@ -179,24 +217,33 @@ class Engine:
         eos_token_ids: frozenset[int],
         max_running: int = 64,
         max_waiting: int = 256,
+        kv_cache_tokens: int = 16384,
+        max_batch_tokens: int = 1024,
+        block_size: int = 16,
     ) -> None:
         self.max_running = max_running  # groups stepped together; more wait, in arrival order
         self.max_waiting = max_waiting  # past this many waiting groups, submit() refuses (backpressure)
-        self.runner = ModelRunner(model)
+        self.max_batch_tokens = max_batch_tokens  # tokens per forward (decodes first, then prefill chunks)
+        self.runner = ModelRunner(model, kv_cache_tokens, block_size)
+        self.cache = self.runner.cache
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
         self.sampler = sampler_rs.Sampler(vocab_size)
         self._ids = itertools.count(1)
+        self._admissions = itertools.count(1)
         self._cond = threading.Condition()
         self._incoming: deque[_Group] = deque()
+        self._preempted: deque[_Group] = deque()  # engine thread only: re-admitted before new groups
         self._cancelled: set[int] = set()
         self._running: dict[int, _Group] = {}
         self._stop = False
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.cancellations = 0
+        self.preemptions = 0
         self.generated_tokens = 0
+        self.batch_log: deque[tuple[int, int]] = deque(maxlen=4096)  # per step: (decode tokens, prefill tokens)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -215,8 +262,18 @@ class Engine:
         return self._thread is not None and self._thread.is_alive()
 
     # -- thread-safe API -------------------------------------------------------------------------------------
+    def tokens_needed(self, request: EngineRequest) -> int:
+        """KV positions the request may hold at once: its prompt plus every row's output (full blocks)."""
+        bs = self.cache.block_size
+        width = request.beam.num_beams if request.beam is not None else request.rows
+        return self.cache.blocks_for(len(request.prompt_ids)) * bs + width * (request.max_new_tokens + bs)
+
     def submit(self, request: EngineRequest, loop: asyncio.AbstractEventLoop) -> SequenceHandle:
-        """Queue a request; raise QueueFull when `max_waiting` requests already wait."""
+        """Queue a request; QueueFull when `max_waiting` requests already wait, TooLarge when it could never fit."""
+        need = self.tokens_needed(request)
+        if need > self.cache.capacity_tokens:
+            raise TooLarge(f"the request needs up to {need} tokens of KV cache (prompt, plus max_tokens for each "
+                           f"of its choices); the server holds {self.cache.capacity_tokens}")  # fmt: skip
         queue: asyncio.Queue[StepEvent] = asyncio.Queue()
         group = _Group(next(self._ids), request, loop, queue)
         with self._cond:
@@ -234,47 +291,72 @@ class Engine:
     def num_running(self) -> int:
         """Groups admitted and not yet finished or freed (waiting ones included)."""
         with self._cond:
-            return len(self._running) + len(self._incoming)
+            return len(self._running) + len(self._incoming) + len(self._preempted)
 
     def num_waiting(self) -> int:
-        """Groups submitted and not yet admitted to the step loop."""
+        """Groups submitted (or preempted) and not admitted to the step loop."""
         with self._cond:
-            return len(self._incoming)
+            return len(self._incoming) + len(self._preempted)
 
     def num_stepping(self) -> int:
         """Groups in the step loop now."""
         return len(self._running)
 
-    # -- the loop --------------------------------------------------------------------------------------------
+    def kv_usage(self) -> float:
+        """Fraction of the KV cache's blocks in use."""
+        return self.cache.usage()
+
+    # -- admission -------------------------------------------------------------------------------------------
     def _admit(self) -> None:
         with self._cond:
-            while not self._stop and not self._incoming and not self._running and not self._cancelled:
+            while (not self._stop and not self._incoming and not self._running and not self._cancelled
+                   and not self._preempted):  # fmt: skip
                 self._cond.wait()
             cancelled = set(self._cancelled)
             self._cancelled.clear()
-            for group in [g for g in self._incoming if g.group_id in cancelled]:  # cancelled while waiting
-                self._incoming.remove(group)
-                self.cancellations += 1
-            incoming: list[_Group] = []
-            while self._incoming and len(self._running) + len(incoming) < self.max_running:
-                incoming.append(self._incoming.popleft())
-        for group in incoming:
-            try:
-                self._setup(group)
-            except Exception as exc:  # one bad request fails alone; the engine keeps serving the others
-                log.exception("cannot admit a request", extra={"fields": {"request_id": group.request.request_id}})
-                self._drop(group)
-                group.emit(StepEvent("", (), error=f"engine error: {type(exc).__name__}: {exc}"))
-                continue
+            for queue in (self._incoming, self._preempted):
+                for group in [g for g in queue if g.group_id in cancelled]:  # cancelled while waiting
+                    queue.remove(group)
+                    self._drop(group)
+                    self.cancellations += 1
+            for group_id in cancelled:
+                gone = self._running.pop(group_id, None)
+                if gone is not None:
+                    self._drop(gone)
+                    self.cancellations += 1
+            admitted: list[_Group] = []
+            while len(self._running) + len(admitted) < self.max_running:
+                source = self._preempted if self._preempted else self._incoming
+                if not source:
+                    break
+                group = source[0]
+                need = sum(self.cache.blocks_for(len(s.pending) + s.length) for s in group.seqs()) if group.rows_made \
+                    else self.cache.blocks_for(len(group.request.prompt_ids) + 1)  # fmt: skip
+                reserved = sum(self._blocks_ahead(g) for g in [*self._running.values(), *admitted])
+                if need + reserved > self.cache.free_blocks and (self._running or admitted):
+                    break  # wait for blocks to free up (never blocks an idle engine: it takes one at a time)
+                source.popleft()
+                admitted.append(group)
+        for group in admitted:
+            group.admitted = next(self._admissions)
+            if group.prompt is None and not group.rows_made:
+                try:
+                    self._setup(group)
+                except Exception as exc:  # one bad request fails alone; the engine keeps serving the others
+                    log.exception("cannot admit a request",
+                                  extra={"fields": {"request_id": group.request.request_id}})  # fmt: skip
+                    self._drop(group)
+                    group.emit(StepEvent("", (), error=f"engine error: {type(exc).__name__}: {exc}"))
+                    continue
             self._running[group.group_id] = group
-        for group_id in cancelled:
-            gone = self._running.pop(group_id, None)
-            if gone is not None:
-                self._drop(gone)
-                self.cancellations += 1
+
+    def _blocks_ahead(self, group: _Group) -> int:
+        """Blocks a running group still needs for its pending tokens."""
+        return sum(max(0, self.cache.blocks_for(s.length + len(s.pending)) - len(s.table)) for s in group.seqs())
 
     def _setup(self, group: _Group) -> None:
         r = group.request
+        group.prompt = _Seq(pending=list(r.prompt_ids))
         if r.beam is not None:
             b = r.beam
             group.beam = sampler_rs.BeamSearch(
@@ -283,11 +365,10 @@ class Engine:
                 max_new_tokens=r.max_new_tokens, vocab_size=self.vocab_size, params=self._sampler_params(r),
                 prompt_token_ids=list(r.prompt_ids), guide=r.guide, top_logprobs=r.top_logprobs,
             )  # fmt: skip
-            group.beam_hist = [[] for _ in range(b.num_beams)]
             return
         for i in range(r.rows):
             row = _Row(i, next(self._ids), IncrementalDetokenizer(self.tokenizer),
-                       StopMatcher(r.stop, r.include_stop_str_in_output))  # fmt: skip
+                       StopMatcher(r.stop, r.include_stop_str_in_output), _Seq())  # fmt: skip
             seed = None if r.sampling.seed is None else (r.sampling.seed + i) & 0xFFFF_FFFF_FFFF_FFFF
             params = self._sampler_params(replace(r, sampling=replace(r.sampling, seed=seed)))
             if r.guide is not None:
@@ -315,17 +396,53 @@ class Engine:
         )
 
     def _drop(self, group: _Group) -> None:
-        """Free a group's KV cache and sampler state."""
-        group.cache = None
+        """Free a group's KV blocks and sampler state."""
+        for seq in [*group.seqs(), *([group.prompt] if group.prompt is not None else [])]:
+            self.cache.release(seq.table)
         for row in group.live:
+            self.cache.release(row.kv.table)
             if row.seq_id in self.sampler:
                 self.sampler.remove_sequence(row.seq_id)
         group.live.clear()
+        group.beams.clear()
 
     def _finish(self, group: _Group) -> None:
+        self._drop(group)  # first: once it is out of `_running`, observers may count it as gone
         self._running.pop(group.group_id, None)
-        self._drop(group)
 
+    # -- preemption ------------------------------------------------------------------------------------------
+    def _preempt(self, group: _Group) -> None:
+        """Free a running group's KV; it re-feeds everything it had when it is admitted again (recompute)."""
+        r = group.request
+        self._running.pop(group.group_id, None)
+        if not group.rows_made:
+            assert group.prompt is not None
+            self.cache.release(group.prompt.table)
+            group.prompt = _Seq(pending=list(r.prompt_ids))
+            group.prompt_lps.clear()
+        elif group.beam is not None:
+            for seq, hist in zip(group.beams, group.beam_hist, strict=True):
+                self.cache.release(seq.table)
+                seq.length, seq.pending, seq.logits = 0, [*r.prompt_ids, *hist], None
+        else:
+            for row in group.live:
+                self.cache.release(row.kv.table)
+                row.kv.length, row.kv.pending, row.kv.logits = 0, [*r.prompt_ids, *row.output_ids], None
+        with self._cond:
+            self._preempted.appendleft(group)
+        self.preemptions += 1
+        log.info("preempted", extra={"fields": {"request_id": r.request_id, "kv_usage": round(self.kv_usage(), 3)}})
+
+    def _make_room(self, blocks: int, protect: _Group | None) -> bool:
+        """Preempt the latest admitted groups (never `protect`) until `blocks` blocks are free."""
+        while self.cache.free_blocks < blocks:
+            victims = [g for g in self._running.values() if g is not protect]
+            if not victims:
+                return False
+            self._preempt(max(victims, key=lambda g: g.admitted))
+        return True
+
+    # -- the loop --------------------------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
             self._admit()
@@ -340,43 +457,149 @@ class Engine:
                 for group in list(self._running.values()):
                     group.emit(StepEvent("", (), error=f"engine error: {type(exc).__name__}: {exc}"))
                     self._finish(group)
-        for group in list(self._running.values()):
-            group.emit(StepEvent("", (), error="the engine is shutting down"))
-            self._finish(group)
+        for queue in (self._running.values(), self._preempted):
+            for group in list(queue):
+                group.emit(StepEvent("", (), error="the engine is shutting down"))
+                self._drop(group)
+        self._running.clear()
+        self._preempted.clear()
 
-    def _forward(self, group: _Group) -> torch.Tensor:
-        """One forward of a group: its logits `[live rows, vocab]` (a prefill also records prompt logprobs)."""
-        r = group.request
-        if group.cache is None:
-            prompt = list(r.prompt_ids)
-            width = r.beam.num_beams if r.beam is not None else 1
-            logits, group.cache, lps = self.runner.prefill(prompt, r.prompt_logprobs, width)
-            if r.beam is None and r.rows > 1:  # n samples of one prompt: computed once, then shared
-                group.cache.batch_repeat_interleave(r.rows)
-                logits = logits.expand(r.rows, -1)
-            if lps is not None:
-                group.prompt_lps = tuple(TokenInfo(t, lp) for t, lp in zip(prompt[1:], lps, strict=True))
-            return logits
-        last = group.beam_tokens if group.beam is not None else [row.output_ids[-1] for row in group.live]
-        logits, group.cache = self.runner.forward_batch(last, group.cache)
-        return logits
+    def _schedule(self) -> list[tuple[_Group, _Seq]]:
+        """This step's sequences, each with `fed` tokens to feed; their KV blocks reserved (preempting when full)."""
+        while True:
+            decodes: list[tuple[_Group, _Seq]] = []
+            prefills: list[tuple[_Group, _Seq]] = []
+            for group in sorted(self._running.values(), key=lambda g: g.admitted):
+                for seq in group.seqs():
+                    seq.fed = 0
+                    if len(seq.pending) == 1 and seq.length > 0:
+                        decodes.append((group, seq))
+                    elif seq.pending:
+                        prefills.append((group, seq))
+            budget = max(1, self.max_batch_tokens - len(decodes))
+            chosen: list[tuple[_Group, _Seq]] = []
+            for group, seq in decodes:
+                seq.fed = 1
+                chosen.append((group, seq))
+            for group, seq in prefills:
+                if budget <= 0:
+                    break
+                seq.fed = min(len(seq.pending), budget)
+                budget -= seq.fed
+                chosen.append((group, seq))
+            try:
+                for _, seq in chosen:
+                    self.cache.reserve(seq.table, seq.length + seq.fed)
+                return chosen
+            except OutOfBlocks:
+                if len(self._running) == 1:  # alone and still short: cannot happen within tokens_needed()
+                    raise RuntimeError("the KV cache cannot hold this request") from None
+                self._preempt(max(self._running.values(), key=lambda g: g.admitted))
 
     def _step(self) -> None:
+        chosen = self._schedule()
+        if not chosen:
+            return
+        chunks: list[Chunk] = []
+        keep: list[int] = []
+        wants: list[tuple[_Group, _Seq, int, int]] = []  # (group, seq, first kept row, kept rows)
+        offset = 0
+        for group, seq in chosen:
+            tokens = seq.pending[: seq.fed]
+            chunks.append(Chunk(seq.table, seq.length, tokens))
+            done = seq.fed == len(seq.pending)
+            lps = group.request.prompt_logprobs and not group.rows_made
+            if lps:
+                wants.append((group, seq, len(keep), seq.fed))
+                keep.extend(range(offset, offset + seq.fed))
+            elif done:
+                wants.append((group, seq, len(keep), 1))
+                keep.append(offset + seq.fed - 1)
+            offset += seq.fed
+        logits = self.runner.forward(chunks, keep)
+        self.steps += 1
+        decoded = sum(1 for _, seq in chosen if seq.fed == 1 and seq.length > 0)
+        self.batch_log.append((decoded, offset - decoded))
+        for group, seq, first, count in wants:
+            if group.request.prompt_logprobs and not group.rows_made:
+                self._prompt_logprobs(group, seq, logits[first : first + count])
+            if seq.fed == len(seq.pending):
+                seq.logits = logits[first + count - 1]
+        for _, seq in chosen:
+            seq.length += seq.fed
+            del seq.pending[: seq.fed]
+            seq.fed = 0
+        self._sample()
+
+    def _prompt_logprobs(self, group: _Group, seq: _Seq, rows: torch.Tensor) -> None:
+        """Logprobs of the prompt tokens that the chunk's positions predict (all but the prompt's first)."""
+        prompt = group.request.prompt_ids
+        start = seq.length  # the chunk's first position (not yet advanced)
+        targets = [prompt[p + 1] for p in range(start, start + seq.fed) if p + 1 < len(prompt)]
+        if targets:
+            lps = torch.log_softmax(rows[: len(targets)], dim=-1)
+            picked = lps.gather(1, torch.tensor(targets, device=lps.device)[:, None])[:, 0]
+            group.prompt_lps.extend(float(x) for x in picked.cpu())
+
+    def _fork_rows(self, group: _Group) -> bool:
+        """The prompt is fed: give each row (or beam) its sequence, sharing the prompt's blocks."""
+        prompt = group.prompt
+        assert prompt is not None
+        beam = group.request.beam
+        width = beam.num_beams if beam is not None else len(group.live)
+        if not self._make_room(width - 1, protect=group):
+            raise RuntimeError("the KV cache cannot hold this request's rows")
+        seqs = [prompt] + [_Seq(self.cache.fork(prompt.table, prompt.length), prompt.length)
+                           for _ in range(width - 1)]  # fmt: skip
+        if group.beam is not None:
+            group.beams = seqs
+            group.beam_hist = [[] for _ in seqs]
+        else:
+            for row, seq in zip(group.live, seqs, strict=True):
+                row.kv = seq
+        group.prompt = None
+        group.rows_made = True
+        if group.request.prompt_logprobs:
+            prompt_ids = group.request.prompt_ids
+            group.prompt_info = tuple(TokenInfo(t, lp) for t, lp in zip(prompt_ids[1:], group.prompt_lps, strict=True))
+        return True
+
+    def _sample(self) -> None:
+        """Sample every row whose logits are ready; step every beam group whose beams all are."""
         rows: list[torch.Tensor] = []
         sampled: list[tuple[_Group, _Row]] = []
         for group in list(self._running.values()):
-            logits = self._forward(group)
-            if group.beam is not None:
-                self._beam_step(group, logits)
+            if group.group_id not in self._running:  # preempted meanwhile (to make room for another's rows)
                 continue
-            rows.append(logits)
-            sampled.extend((group, row) for row in group.live)
-        self.steps += 1
+            if not group.rows_made:
+                if group.prompt is None or group.prompt.logits is None:
+                    continue
+                head, group.prompt.logits = group.prompt.logits, None
+                self._fork_rows(group)
+                if group.beam is not None:
+                    self._beam_step(group, head.expand(len(group.beams), -1))
+                else:
+                    rows.append(head.expand(len(group.live), -1))
+                    sampled.extend((group, row) for row in group.live)
+                continue
+            if group.beam is not None:
+                # After a recompute the beams' chunks may end in different steps: wait for all of them.
+                if all(seq.logits is not None for seq in group.beams):
+                    stacked = torch.stack([seq.logits for seq in group.beams if seq.logits is not None])
+                    for seq in group.beams:
+                        seq.logits = None
+                    self._beam_step(group, stacked)
+                continue
+            for row in group.live:
+                if row.kv.logits is not None:
+                    rows.append(row.kv.logits[None, :])
+                    row.kv.logits = None
+                    sampled.append((group, row))
         if not sampled:
             return
         batch = np.ascontiguousarray(torch.cat(rows).cpu().numpy(), dtype=np.float32)
         outputs = self.sampler.step(batch, [row.seq_id for _, row in sampled])
-        finished: dict[int, set[int]] = {}
+        finished: dict[int, tuple[_Group, set[int]]] = {}
         for (group, row), out in zip(sampled, outputs, strict=True):
             token = int(out.token_id)
             row.output_ids.append(token)
@@ -394,21 +617,23 @@ class Engine:
                 text += row.stops.flush()
             first = row.index == 0 and len(row.output_ids) == 1
             group.emit(StepEvent(text, (info,), finish, index=row.index,
-                                 prompt_logprobs=group.prompt_lps if first else None))  # fmt: skip
+                                 prompt_logprobs=group.prompt_info if first else None))  # fmt: skip
             self.generated_tokens += 1
             if finish is not None:
-                finished.setdefault(group.group_id, set()).add(row.seq_id)
-        for group_id, done in finished.items():
-            group = self._running[group_id]
-            keep = [i for i, row in enumerate(group.live) if row.seq_id not in done]
+                finished.setdefault(group.group_id, (group, set()))[1].add(row.seq_id)
+            else:
+                row.kv.pending.append(token)
+        for group, done in finished.values():
             for row in group.live:
                 if row.seq_id in done:
                     self.sampler.remove_sequence(row.seq_id)
-            group.live = [group.live[i] for i in keep]
+                    self.cache.release(row.kv.table)
+            group.live = [row for row in group.live if row.seq_id not in done]
             if not group.live:
+                if group in self._preempted:
+                    with self._cond:
+                        self._preempted.remove(group)
                 self._finish(group)
-            else:
-                group.cache.batch_select_indices(torch.tensor(keep, dtype=torch.long))
 
     def _advance(self, request: EngineRequest, row: _Row, token: int) -> FinishReason | None:
         """Detokenize the new token into `row.pending_text`; say whether EOS or the length limit ended it."""
@@ -435,9 +660,7 @@ class Engine:
         else:
             parent, tokens = group.beam.step(batch)
         if not group.beam.is_done():
-            group.cache.reorder_cache(torch.tensor(parent, dtype=torch.long))
-            group.beam_tokens = list(tokens)
-            group.beam_hist = [[*group.beam_hist[p], t] for p, t in zip(parent, tokens, strict=True)]
+            self._follow_beams(group, list(parent), list(tokens))
             return
         for index, hyp in enumerate(group.beam.finalize()):
             ids = list(hyp.token_ids)
@@ -457,8 +680,32 @@ class Engine:
                 for t, lp, top in zip(ids, hyp.logprobs, hyp.top_logprobs, strict=True)
             )
             group.emit(StepEvent(text, tokens_info, finish, index=index,
-                                 prompt_logprobs=group.prompt_lps if index == 0 else None))  # fmt: skip
+                                 prompt_logprobs=group.prompt_info if index == 0 else None))  # fmt: skip
         self._finish(group)
+
+    def _follow_beams(self, group: _Group, parent: list[int], tokens: list[int]) -> None:
+        """The next beams' sequences: a parent's sequence moves to its first child, further children fork it
+        (sharing its full blocks); parents without children free theirs."""
+        old = group.beams
+        children = [parent.count(b) for b in range(len(old))]
+        if not self._make_room(sum(max(0, c - 1) for c in children), protect=group):
+            raise RuntimeError("the KV cache cannot hold this request's beams")
+        taken: set[int] = set()
+        new: list[_Seq] = []
+        for p, t in zip(parent, tokens, strict=True):
+            src = old[p]
+            if p in taken:
+                seq = _Seq(self.cache.fork(src.table, src.length), src.length)
+            else:
+                taken.add(p)
+                seq = src
+            seq.pending = [t]
+            new.append(seq)
+        for b, seq in enumerate(old):
+            if b not in taken:
+                self.cache.release(seq.table)
+        group.beams = new
+        group.beam_hist = [[*group.beam_hist[p], t] for p, t in zip(parent, tokens, strict=True)]
 
     def _gains_stop(self, request: EngineRequest, hist: list[int], token: int) -> bool:
         """Whether `hist + [token]` decodes to a text with a stop string that `hist`'s text does not have
@@ -467,7 +714,6 @@ class Engine:
             return False
         before = self.tokenizer.decode(hist, skip_special_tokens=True)
         after = self.tokenizer.decode([*hist, token], skip_special_tokens=True)
-        common = next(
-            (i for i, (a, b) in enumerate(zip(before, after, strict=False)) if a != b), min(len(before), len(after))
-        )
+        common = next((i for i, (a, b) in enumerate(zip(before, after, strict=False)) if a != b),
+                      min(len(before), len(after)))  # fmt: skip
         return any(after.find(s, max(0, common - len(s) + 1)) >= 0 for s in request.stop)

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tokenwire-installed
 RUST_SRC := $(shell find sampler_rs/src -name '*.rs' 2>/dev/null) sampler_rs/Cargo.toml sampler_rs/Cargo.lock
 
-.PHONY: install up test check lint typecheck proto proto-check rust-check pytest helm-check bench bench-sampler bench-gateway clean
+.PHONY: install up test check lint typecheck proto proto-check rust-check pytest helm-check bench bench-sampler bench-gateway bench-serve clean
 
 $(STAMP): pyproject.toml scripts/install.sh $(RUST_SRC)
 	./scripts/install.sh
@@ -53,10 +53,14 @@ clean:
 	rm -rf $(VENV) target sampler_rs/target
 
 ## Benchmarks (not tests): each prints a table and writes bench/results/*.json.
-bench: bench-sampler bench-gateway
+bench: bench-sampler bench-gateway bench-serve
 
 bench-sampler: install
 	$(PY) bench/sampler.py
 
 bench-gateway: install
 	$(PY) bench/gateway.py
+
+bench-serve: install
+	$(VENV)/bin/pip install -q fastapi accelerate
+	$(PY) bench/serve.py

@@ -80,6 +80,13 @@ def render(values: Path, kube_version: str = KUBE_VERSIONS[-1], crd: bool = True
     return tuple(d for d in yaml.safe_load_all(result.stdout) if d)
 
 
+def render_inline(tmp_path: Path, values: dict[str, Any], name: str = "values.yaml") -> tuple[dict[str, Any], ...]:
+    """`render` for values written here (each test's tmp_path is its own, so the cache cannot mix them up)."""
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(values))
+    return render(path)
+
+
 def values_of(values: Path) -> dict[str, Any]:
     """The chart's defaults with one values file merged over them (Helm's merge: maps merge, null deletes)."""
 
@@ -154,6 +161,17 @@ def test_ci_values_files_cover_the_required_cases() -> None:
         "hpa-servicemonitor-values.yaml",
         "everything-off-values.yaml",
     }
+
+
+def test_bad_values_files_cover_engine_and_metrics() -> None:
+    assert {p.name for p in BAD_VALUES} >= {
+        "engine-negative-kv-cache.yaml",
+        "engine-kv-cache-not-integer.yaml",
+        "engine-zero-batch-tokens.yaml",
+        "metrics-port-privileged.yaml",
+        "metrics-port-is-grpc-port.yaml",
+    }
+    assert "server-metrics-enabled.yaml" not in {p.name for p in BAD_VALUES}, "server metrics are real now"
 
 
 @pytest.mark.parametrize("values", CI_VALUES, ids=ids)
@@ -248,8 +266,12 @@ def test_services_select_the_right_pods_and_ports(values: Path) -> None:
     assert headless["spec"].get("publishNotReadyAddresses", False) is False, "only Ready pods may be in DNS"
     for svc in (grpc, headless):
         assert selects(svc["spec"]["selector"], pool_labels)
-        (port,) = svc["spec"]["ports"]
+        (port,) = [p for p in svc["spec"]["ports"] if p["name"] == "grpc"]
         assert port["targetPort"] == "grpc" and port["appProtocol"] == "grpc"
+    # the ClusterIP Service is for gRPC clients only; the server's metrics port is on the headless one alone
+    assert [p["name"] for p in grpc["spec"]["ports"]] == ["grpc"]
+    metrics_enabled = values_of(values)["server"]["metrics"]["enabled"]
+    assert [p["name"] for p in headless["spec"]["ports"]] == (["grpc", "metrics"] if metrics_enabled else ["grpc"])
     for gateway in gateways(docs):
         gw_labels = gateway["spec"]["template"]["metadata"]["labels"]
         svc = one(docs, "Service", f"{RELEASE}-tokenwire-gateway")
@@ -465,19 +487,104 @@ def test_model_args_follow_the_values(values: Path) -> None:
         assert path and any(path.startswith(m["mountPath"]) for m in c["volumeMounts"])
 
 
+@pytest.mark.parametrize("values", CI_VALUES, ids=ids)
+def test_engine_flags_follow_the_values(values: Path) -> None:
+    engine = values_of(values)["server"]["engine"]
+    c = container(server(render(values)))
+    assert flag(c, "kv-cache-tokens") == str(engine["kvCacheTokens"])
+    assert flag(c, "max-batch-tokens") == str(engine["maxBatchTokens"])
+
+
+def test_engine_flags_defaults_and_overrides() -> None:
+    """The defaults are tokenwire serve's own; gpu-values overrides both (so the values really reach the args)."""
+    c = container(server(render(CHART / "ci" / "cpu-default-values.yaml")))
+    assert (flag(c, "kv-cache-tokens"), flag(c, "max-batch-tokens")) == ("16384", "1024")
+    c = container(server(render(CHART / "ci" / "gpu-values.yaml")))
+    assert (flag(c, "kv-cache-tokens"), flag(c, "max-batch-tokens")) == ("131072", "4096")
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=ids)
+def test_server_metrics_port_follows_the_values(values: Path) -> None:
+    metrics = values_of(values)["server"]["metrics"]
+    docs = render(values)
+    c = container(server(docs))
+    ports = {p["name"]: p for p in c["ports"]}
+    headless = one(docs, "Service", f"{RELEASE}-tokenwire-grpc-headless")
+    service_ports = {p["name"]: p for p in headless["spec"]["ports"]}
+    if metrics["enabled"]:
+        assert flag(c, "metrics-port") == str(metrics["port"])
+        assert ports["metrics"] == {"name": "metrics", "containerPort": metrics["port"], "protocol": "TCP"}
+        assert ports["metrics"]["containerPort"] != ports["grpc"]["containerPort"]
+        # tokenwire serve binds /metrics on --grpc-host: it must listen on every interface to be scraped
+        assert flag(c, "grpc-host") == "0.0.0.0"
+        assert service_ports["metrics"]["port"] == metrics["port"]
+        assert service_ports["metrics"]["targetPort"] == "metrics"
+    else:
+        assert flag(c, "metrics-port") is None
+        assert "metrics" not in ports and "metrics" not in service_ports
+    assert sum(a.startswith("--metrics-port") for a in c["args"]) == int(metrics["enabled"])
+
+
+def test_server_metrics_are_on_by_default_and_follow_the_port() -> None:
+    c = container(server(render(CHART / "ci" / "cpu-default-values.yaml")))
+    assert flag(c, "metrics-port") == "9090"
+    c = container(server(render(CHART / "ci" / "gpu-values.yaml")))
+    assert flag(c, "metrics-port") == "9400"
+    assert {p["name"]: p["containerPort"] for p in c["ports"]}["metrics"] == 9400
+    c = container(server(render(CHART / "ci" / "everything-off-values.yaml")))
+    assert flag(c, "metrics-port") is None
+
+
 def test_servicemonitor_only_when_the_crd_exists() -> None:
     values = CHART / "ci" / "hpa-servicemonitor-values.yaml"
     assert not find(render(values, crd=False), "ServiceMonitor")
     docs = render(values)
     (monitor,) = find(docs, "ServiceMonitor")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
-    svc = one(docs, "Service", f"{RELEASE}-tokenwire-gateway")
-    assert selects(monitor["spec"]["selector"]["matchLabels"], svc["metadata"]["labels"])
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
-    (endpoint,) = monitor["spec"]["endpoints"]
-    assert endpoint["port"] in {p["name"] for p in svc["spec"]["ports"]} and endpoint["path"] == "/metrics"
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert scraped_services(docs, monitor) == {
+        "http": f"{RELEASE}-tokenwire-gateway",
+        "metrics": f"{RELEASE}-tokenwire-grpc-headless",
+    }
+    for endpoint in monitor["spec"]["endpoints"]:
+        assert endpoint["path"] == "/metrics" and endpoint["interval"] == "30s"
     assert not find(render(CHART / "ci" / "cpu-default-values.yaml"), "ServiceMonitor")
+
+
+def scraped_services(docs: tuple[dict[str, Any], ...], monitor: dict[str, Any]) -> dict[str, str]:
+    """{endpoint port: the one Service it scrapes}, as the Prometheus Operator matches them (selector, port name)."""
+    selector = monitor["spec"]["selector"]
+    out: dict[str, str] = {}
+    for endpoint in monitor["spec"]["endpoints"]:
+        matched = []
+        for svc in find(docs, "Service"):
+            labels = svc["metadata"]["labels"]
+            if not selects(selector.get("matchLabels", {}), labels):
+                continue
+            if not all(
+                labels.get(e["key"]) in e["values"]
+                for e in selector.get("matchExpressions", [])
+                if e["operator"] == "In"
+            ):
+                continue
+            if endpoint["port"] in {p["name"] for p in svc["spec"]["ports"]}:
+                matched.append(svc["metadata"]["name"])
+        assert len(matched) == 1, f"endpoint {endpoint['port']} scrapes {matched}: each pod must be scraped once"
+        out[endpoint["port"]] = matched[0]
+    return out
+
+
+def test_servicemonitor_endpoints_follow_the_components(tmp_path: Path) -> None:
+    on = {"serviceMonitor": {"enabled": True}}
+    docs = render_inline(tmp_path, {**on, "server": {"metrics": {"enabled": False}}}, "gateway-only.yaml")
+    (monitor,) = find(docs, "ServiceMonitor")
+    assert scraped_services(docs, monitor) == {"http": f"{RELEASE}-tokenwire-gateway"}
+    docs = render_inline(tmp_path, {**on, "gateway": {"enabled": False}}, "server-only.yaml")
+    (monitor,) = find(docs, "ServiceMonitor")
+    assert scraped_services(docs, monitor) == {"metrics": f"{RELEASE}-tokenwire-grpc-headless"}
+    off = {**on, "gateway": {"enabled": False}, "server": {"metrics": {"enabled": False}}}
+    assert not find(render_inline(tmp_path, off, "nothing.yaml"), "ServiceMonitor")
 
 
 def test_hpa_owns_replicas() -> None:
@@ -514,14 +621,64 @@ def test_network_policies_admit_only_the_gateway_and_test_pod_to_grpc() -> None:
     values = CHART / "ci" / "hpa-servicemonitor-values.yaml"
     docs = render(values)
     policy = one(docs, "NetworkPolicy", f"{RELEASE}-tokenwire-server")
-    (rule,) = policy["spec"]["ingress"]
+    rule, metrics_rule = policy["spec"]["ingress"]
     components = {peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for peer in rule["from"]}
     assert components == {"gateway", "test"}
     assert rule["ports"] == [{"port": 50051, "protocol": "TCP"}]
+    # metrics scrapes: the metrics port only, from networkPolicy.serverMetricsIngressFrom
+    assert metrics_rule["ports"] == [{"port": 9090, "protocol": "TCP"}]
+    assert metrics_rule["from"] == values_of(values)["networkPolicy"]["serverMetricsIngressFrom"]
     assert selects(policy["spec"]["podSelector"]["matchLabels"], server(docs)["spec"]["template"]["metadata"]["labels"])
     assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
     test_pod = one(docs, "Pod", f"{RELEASE}-tokenwire-test")
     assert any(selects(peer["podSelector"]["matchLabels"], test_pod["metadata"]["labels"]) for peer in rule["from"])
+
+
+def test_network_policy_metrics_rule_follows_the_values(tmp_path: Path) -> None:
+    """Empty serverMetricsIngressFrom = any source (as the gateway's /metrics); metrics off = no rule at all."""
+    docs = render_inline(tmp_path, {"networkPolicy": {"enabled": True}}, "open.yaml")
+    rule, metrics_rule = one(docs, "NetworkPolicy", f"{RELEASE}-tokenwire-server")["spec"]["ingress"]
+    assert rule["ports"] == [{"port": 50051, "protocol": "TCP"}] and rule["from"]
+    assert metrics_rule == {"ports": [{"port": 9090, "protocol": "TCP"}]}
+    off = {"networkPolicy": {"enabled": True}, "server": {"metrics": {"enabled": False}}}
+    policy = one(render_inline(tmp_path, off, "off.yaml"), "NetworkPolicy", f"{RELEASE}-tokenwire-server")
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"port": 50051, "protocol": "TCP"}]
+
+
+@pytest.mark.parametrize(
+    ("server_values", "error"),
+    [
+        ({"engine": {"kvCacheTokens": -1}}, "/server/engine/kvCacheTokens': minimum"),
+        ({"engine": {"kvCacheTokens": 0}}, "/server/engine/kvCacheTokens': minimum"),
+        ({"engine": {"kvCacheTokens": 15}}, "/server/engine/kvCacheTokens': minimum"),
+        ({"engine": {"kvCacheTokens": 1.5}}, "/server/engine/kvCacheTokens'"),
+        ({"engine": {"kvCacheTokens": "16k"}}, "/server/engine/kvCacheTokens'"),
+        ({"engine": {"kvCacheTokens": None}}, "kvCacheTokens"),
+        ({"engine": {"maxBatchTokens": 0}}, "/server/engine/maxBatchTokens': minimum"),
+        ({"engine": {"maxBatchTokens": -1024}}, "/server/engine/maxBatchTokens': minimum"),
+        ({"engine": {"maxTokens": 1}}, "additional properties"),
+        ({"metrics": {"enabled": "yes"}}, "/server/metrics/enabled'"),
+        ({"metrics": {"port": 80}}, "/server/metrics/port': minimum"),
+        ({"metrics": {"port": 70000}}, "/server/metrics/port': maximum"),
+    ],
+    ids=lambda v: re.sub(r"[^\w.-]+", "-", str(v)).strip("-") if isinstance(v, dict) else "refused",
+)
+def test_schema_refuses_bad_engine_and_metrics_values(
+    tmp_path: Path, server_values: dict[str, Any], error: str
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"server": server_values}))
+    result = run_helm("template", RELEASE, str(CHART), "-f", str(bad))
+    assert result.returncode != 0, f"{server_values} was accepted"
+    assert "don't meet the specifications of the schema" in result.stderr, result.stderr
+    assert error in result.stderr, result.stderr
+
+
+def test_schema_accepts_the_smallest_engine_values(tmp_path: Path) -> None:
+    docs = render_inline(tmp_path, {"server": {"engine": {"kvCacheTokens": 16, "maxBatchTokens": 1}}})
+    c = container(server(docs))
+    assert (flag(c, "kv-cache-tokens"), flag(c, "max-batch-tokens")) == ("16", "1")
 
 
 def test_everything_off_renders_only_the_grpc_service() -> None:

@@ -115,6 +115,32 @@ class EngineRequest:
         return self.beam.num_return if self.beam is not None else self.rows
 
 
+class _Outbox:
+    """A step's events, handed to each consumer event loop in one `call_soon_threadsafe` (one wake-up per loop
+    per step, not one per token)."""
+
+    def __init__(self) -> None:
+        self._items: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[StepEvent], StepEvent]]] = {}
+
+    def add(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[StepEvent], event: StepEvent) -> None:
+        self._items.setdefault(loop, []).append((queue, event))
+
+    def flush(self) -> None:
+        items, self._items = self._items, {}
+        for loop, batch in items.items():
+            self.deliver_now(loop, batch)
+
+    @staticmethod
+    def deliver_now(loop: asyncio.AbstractEventLoop, batch: list[tuple[asyncio.Queue[StepEvent], StepEvent]]) -> None:
+        def put() -> None:
+            for queue, event in batch:
+                queue.put_nowait(event)
+
+        # RuntimeError: the consumer's event loop is closed, nobody is listening any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(put)
+
+
 @dataclass
 class _Seq:
     """One KV sequence: its block table, how many positions hold KV, and the tokens still to feed."""
@@ -152,11 +178,13 @@ class _Group:
     prompt_lps: list[float] = field(default_factory=list)  # prompt logprobs so far (chunk by chunk)
     prompt_info: tuple[TokenInfo, ...] | None = None  # prompt logprobs, sent with row 0's first event
     rows_made: bool = False  # the rows (or beams) exist; until then `prompt` is fed
+    outbox: _Outbox | None = None  # the engine's: events leave once per step
 
     def emit(self, event: StepEvent) -> None:
-        # RuntimeError: the consumer's event loop is closed, nobody is listening any more.
-        with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        if self.outbox is not None:
+            self.outbox.add(self.loop, self.queue, event)
+        else:
+            _Outbox.deliver_now(self.loop, [(self.queue, event)])
 
     def seqs(self) -> list[_Seq]:
         if not self.rows_made:
@@ -237,6 +265,7 @@ class Engine:
         self._preempted: deque[_Group] = deque()  # engine thread only: re-admitted before new groups
         self._cancelled: set[int] = set()
         self._running: dict[int, _Group] = {}
+        self._outbox = _Outbox()
         self._stop = False
         self._thread: threading.Thread | None = None
         self.steps = 0
@@ -275,7 +304,7 @@ class Engine:
             raise TooLarge(f"the request needs up to {need} tokens of KV cache (prompt, plus max_tokens for each "
                            f"of its choices); the server holds {self.cache.capacity_tokens}")  # fmt: skip
         queue: asyncio.Queue[StepEvent] = asyncio.Queue()
-        group = _Group(next(self._ids), request, loop, queue)
+        group = _Group(next(self._ids), request, loop, queue, outbox=self._outbox)
         with self._cond:
             if len(self._incoming) >= self.max_waiting:
                 raise QueueFull(f"{len(self._incoming)} requests are already waiting (limit {self.max_waiting})")
@@ -448,21 +477,22 @@ class Engine:
             self._admit()
             if self._stop:
                 break
-            if not self._running:
-                continue
-            try:
-                self._step()
-            except Exception as exc:  # never let one bad step kill the engine: fail the groups in it
-                log.exception("engine step failed")
-                for group in list(self._running.values()):
-                    group.emit(StepEvent("", (), error=f"engine error: {type(exc).__name__}: {exc}"))
-                    self._finish(group)
+            if self._running:
+                try:
+                    self._step()
+                except Exception as exc:  # never let one bad step kill the engine: fail the groups in it
+                    log.exception("engine step failed")
+                    for group in list(self._running.values()):
+                        group.emit(StepEvent("", (), error=f"engine error: {type(exc).__name__}: {exc}"))
+                        self._finish(group)
+            self._outbox.flush()
         for queue in (self._running.values(), self._preempted):
             for group in list(queue):
                 group.emit(StepEvent("", (), error="the engine is shutting down"))
                 self._drop(group)
         self._running.clear()
         self._preempted.clear()
+        self._outbox.flush()
 
     def _schedule(self) -> list[tuple[_Group, _Seq]]:
         """This step's sequences, each with `fed` tokens to feed; their KV blocks reserved (preempting when full)."""

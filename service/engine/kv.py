@@ -186,6 +186,13 @@ def build_batch(cache: PagedKVCache, chunks: list[Chunk], device: torch.device) 
     return batch, input_ids, position_ids
 
 
+def _gather(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`cache[index]` (slots `[..., kv_heads, head_dim]`) through `index_select` on a 2-D view: several times
+    faster than advanced indexing on CPU."""
+    rows = cache.view(cache.shape[0], -1).index_select(0, index.reshape(-1))
+    return rows.view(*index.shape, *cache.shape[1:])
+
+
 def paged_attention(
     module: Any,
     query: torch.Tensor,
@@ -215,8 +222,8 @@ def paged_attention(
         assert batch.decode_read is not None
         q = query[0] if batch.decode_all else query[0].index_select(1, batch.decode_rows)  # [Hq, B, D]
         q = q.transpose(0, 1).unsqueeze(2)  # [B, Hq, 1, D]
-        k = kc[batch.decode_read].transpose(1, 2)  # [B, Hkv, L, D]
-        v = vc[batch.decode_read].transpose(1, 2)
+        k = _gather(kc, batch.decode_read).transpose(1, 2)  # [B, Hkv, L, D]
+        v = _gather(vc, batch.decode_read).transpose(1, 2)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.decode_mask, scale=scaling, enable_gqa=True)
         if batch.decode_all:
             out = o[:, :, 0]
@@ -228,8 +235,8 @@ def paged_attention(
             k, v = key[:, :, first:end], value[:, :, first:end]
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
         else:
-            k = kc[read].transpose(0, 1).unsqueeze(0)
-            v = vc[read].transpose(0, 1).unsqueeze(0)
+            k = _gather(kc, read).transpose(0, 1).unsqueeze(0)
+            v = _gather(vc, read).transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
         out[first:end] = o[0].transpose(0, 1)
     return out.unsqueeze(0), None

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import threading
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import grpc
 import httpx
 import jsonschema
 import openai
@@ -13,8 +17,9 @@ import pytest
 from referencing import Registry, Resource
 
 from gateway.auth import ApiKeys
+from tokenwire.v1 import chat_pb2, chat_pb2_grpc
 
-from .conftest import Servers
+from .conftest import Servers, free_port
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
 
@@ -284,3 +289,73 @@ def test_prompts_are_logged_only_with_log_prompt(servers: Servers, caplog: pytes
     assert len(quiet) == 1 and "4417" not in json.dumps(quiet[0].fields)  # type: ignore[attr-defined]
     assert quiet[0].fields["user"] == "u-9"  # type: ignore[attr-defined]
     assert len(loud) == 1 and "the secret is 4417" in loud[0].fields["prompt"]  # type: ignore[attr-defined]
+
+
+# -- gRPC status -> HTTP status, end to end ------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def gateway_in_front_of(servicer: Any) -> Iterator[str]:
+    """A real gateway (uvicorn, the gateway app, a grpc.aio channel) in front of a grpc.aio server with `servicer`
+    as its ChatService, both on loopback ports on a thread of their own; yields the gateway's URL."""
+    import uvicorn
+
+    from gateway.app import GatewayConfig, create_app
+
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    box: dict[str, Any] = {}
+    http_port = free_port()
+
+    async def main() -> None:
+        server = grpc.aio.server()
+        chat_pb2_grpc.add_ChatServiceServicer_to_server(servicer, server)
+        grpc_port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        app = create_app(GatewayConfig(upstream=f"127.0.0.1:{grpc_port}"))
+        http = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=http_port, log_level="warning"))
+        task = asyncio.create_task(http.serve())
+        while not http.started:  # noqa: ASYNC110 (uvicorn exposes a flag, not an event)
+            await asyncio.sleep(0.01)
+        box["stop"] = asyncio.Event()
+        ready.set()
+        await box["stop"].wait()
+        http.should_exit = True
+        await task
+        await server.stop(grace=None)
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    assert ready.wait(30), "the gateway did not start"
+    try:
+        yield f"http://127.0.0.1:{http_port}"
+    finally:
+        loop.call_soon_threadsafe(box["stop"].set)
+        thread.join(30)
+
+
+class CancellingChat(chat_pb2_grpc.ChatServiceServicer):
+    """A ChatService whose every call ends with the CANCELLED status, as a server that gives a call up sends it."""
+
+    async def CreateChatCompletion(self, request: Any, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.CANCELLED, "the engine gave the request up")
+
+    async def StreamChatCompletion(self, request: Any, context: Any) -> AsyncIterator[chat_pb2.ChatCompletionChunk]:
+        await context.abort(grpc.StatusCode.CANCELLED, "the engine gave the request up")
+        yield chat_pb2.ChatCompletionChunk()  # not reached: abort raises
+
+
+def test_cancelled_from_the_service_is_499() -> None:
+    with gateway_in_front_of(CancellingChat()) as url:
+        doc = httpx.get(f"{url}/openapi.json").json()
+        for stream in (False, True):  # the stream fails before its first chunk, so it still gets a real status
+            r = httpx.post(f"{url}/v1/chat/completions", json={"messages": MESSAGES, "stream": stream},
+                           headers={"x-request-id": f"cancel-{stream}"}, timeout=30)  # fmt: skip
+            assert r.status_code == 499, (stream, r.status_code, r.text)
+            assert r.headers["content-type"] == "application/json"
+            assert r.headers["x-request-id"] == f"cancel-{stream}"
+            validator(doc, "Error").validate(r.json())
+            assert r.json()["error"] == {"message": "the engine gave the request up", "type": "cancelled",
+                                         "param": None, "code": "cancelled"}  # fmt: skip
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'tokenwire_gateway_requests_total{route="chat",status="499"} 2.0' in metrics

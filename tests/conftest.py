@@ -160,7 +160,8 @@ def make_gateway(servers: Servers) -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def spm() -> Any:
     """The Mistral SentencePiece 32k vocabulary as token bytes (bench/guided_vocab.py builds it)."""
-    sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
+    # Appended, not prepended: bench/gateway.py must not shadow the gateway package.
+    sys.path.append(str(Path(__file__).parent.parent / "bench"))
     import guided_vocab
 
     return guided_vocab.sentencepiece()

@@ -17,7 +17,7 @@ import jsonschema
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+sys.path.append(os.path.join(os.path.dirname(__file__), "..", "bench"))
 
 import guided_vocab as gv
 

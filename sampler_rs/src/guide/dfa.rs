@@ -9,6 +9,7 @@ use regex_automata::dfa::{dense, Automaton, StartKind};
 use regex_automata::nfa::thompson;
 use regex_automata::util::{start, syntax};
 use regex_automata::{Anchored, MatchKind};
+use regex_syntax::hir::{Hir, HirKind};
 
 use super::error::{GuideError, Result};
 use super::mask::MaskWords;
@@ -18,6 +19,9 @@ use super::StateId;
 /// The dead state: no string of the language starts with the text that led here.
 const DEAD: StateId = 0;
 
+/// Deepest nesting of groups and repetitions a pattern may have.
+const NEST_LIMIT: u32 = 100;
+
 /// Size budgets for compiling a regex; past any of them the compile fails with "too large".
 #[derive(Debug, Clone)]
 pub struct DfaLimits {
@@ -25,8 +29,17 @@ pub struct DfaLimits {
     pub nfa_bytes: usize,
     /// Dense DFA size, bytes (also bounds determinization time).
     pub dfa_bytes: usize,
-    /// Determinization working memory, bytes.
+    /// Determinization working memory, bytes. It also bounds the time, which grows with it:
+    /// short patterns of many optional copies of a large class need a lot of both (on a
+    /// 2-core machine, `(?:\p{L}?){300}` compiled in 14 s and `(?:\p{L}?){400}` failed after
+    /// 24 s under a 64 MiB budget; under 16 MiB both fail in ~6 s, the slowest known).
     pub determinize_bytes: usize,
+    /// Most copies of a sub-pattern a counted repetition may make, times the counts of the
+    /// repetitions around it. Determinization time grows with its square for some patterns
+    /// while their memory stays small, so the budgets above miss them: on a 2-core machine
+    /// `a{0,100000}` took 16 s and `(?:a|$){100000}` 40 s; at 10,000 copies they take 0.2 s
+    /// and 0.4 s.
+    pub max_repetition: u32,
     /// Live states of the final table.
     pub max_states: usize,
     /// Memory for cached per-state masks; past it, masks are computed on every call instead.
@@ -38,7 +51,8 @@ impl Default for DfaLimits {
         DfaLimits {
             nfa_bytes: 16 << 20,
             dfa_bytes: 64 << 20,
-            determinize_bytes: 64 << 20,
+            determinize_bytes: 16 << 20,
+            max_repetition: 10_000,
             max_states: 200_000,
             mask_cache_bytes: 512 << 20,
         }
@@ -82,8 +96,38 @@ fn build_error(e: dense::BuildError) -> GuideError {
     }
 }
 
+/// The most copies a counted repetition in `hir` makes, times the counts of the repetitions
+/// around it (saturating; `hir` is at most the syntax nest limit deep).
+fn repetition_copies(hir: &Hir) -> u64 {
+    match hir.kind() {
+        HirKind::Repetition(r) => {
+            let count = u64::from(r.max.unwrap_or(r.min).max(r.min)).max(1);
+            count.saturating_mul(repetition_copies(&r.sub))
+        }
+        HirKind::Capture(c) => repetition_copies(&c.sub),
+        HirKind::Concat(v) | HirKind::Alternation(v) => {
+            v.iter().map(repetition_copies).max().unwrap_or(1)
+        }
+        _ => 1,
+    }
+}
+
 impl DfaGuide {
     pub(crate) fn new(vocab: &VocabCore, pattern: &str, limits: &DfaLimits) -> Result<DfaGuide> {
+        // A pattern that does not parse fails below, with the builder's message.
+        if let Ok(hir) = regex_syntax::ParserBuilder::new()
+            .nest_limit(NEST_LIMIT)
+            .build()
+            .parse(pattern)
+        {
+            let copies = repetition_copies(&hir);
+            if copies > u64::from(limits.max_repetition) {
+                return Err(GuideError::TooLarge(format!(
+                    "a counted repetition makes {copies} copies, over the limit of {}",
+                    limits.max_repetition
+                )));
+            }
+        }
         let dfa = dense::Builder::new()
             .configure(
                 dense::Config::new()
@@ -93,7 +137,7 @@ impl DfaGuide {
                     .dfa_size_limit(Some(limits.dfa_bytes))
                     .determinize_size_limit(Some(limits.determinize_bytes)),
             )
-            .syntax(syntax::Config::new().nest_limit(100))
+            .syntax(syntax::Config::new().nest_limit(NEST_LIMIT))
             .thompson(thompson::Config::new().nfa_size_limit(Some(limits.nfa_bytes)))
             .build(pattern)
             .map_err(build_error)?;

@@ -66,6 +66,47 @@ fn classify(e: anyhow::Error, invalid: fn(String) -> GuideError) -> GuideError {
     invalid(msg)
 }
 
+// llguidance compiles recursively: stack frames per rule reference, `$ref` or nesting level
+// followed. Measured (release build): ~3 KiB per rule of a Lark grammar whose rules each name
+// the next, ~40 KiB per rule when each also nests 27 groups, 4-8 KiB per `$ref` hop and ~5 KiB
+// per nesting level of a schema. A stack overflow aborts the whole process, and on a 2 MiB
+// (8 MiB) thread a grammar of ~1,000 (~3,000) such rules or a schema of ~1,000 (~2,300)
+// chained `$defs` does it. So llguidance compiles on a thread of its own with a large stack
+// (address space: only the pages the recursion touches are committed), and inputs too large to
+// be sure of fitting in it are refused first.
+
+/// Stack of the compile thread. Unoptimized builds (`cargo test`) have frames up to ~7x as
+/// large, so they get 8x the stack.
+const COMPILE_STACK_BYTES: usize = if cfg!(debug_assertions) {
+    4 << 30
+} else {
+    512 << 20
+};
+/// Longest grammar text: the worst case measured needs ~620 bytes of stack per byte of Lark
+/// (GBNF converts to about as many structural Lark bytes), so 256 KiB needs at most ~240 MiB.
+pub(crate) const MAX_GRAMMAR_BYTES: usize = 256 << 10;
+/// Most JSON objects in a schema: the recursion visits an object at most once per path, and
+/// the worst case measured needs ~5 KiB of stack per object on the path, so 50,000 objects
+/// need at most ~250 MiB.
+pub(crate) const MAX_SCHEMA_OBJECTS: usize = 50_000;
+
+/// Number of JSON objects in `v` (iterative: `v` may be deep).
+fn count_objects(v: &Value) -> usize {
+    let mut stack = vec![v];
+    let mut n = 0;
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::Object(m) => {
+                n += 1;
+                stack.extend(m.values());
+            }
+            Value::Array(a) => stack.extend(a.iter()),
+            _ => {}
+        }
+    }
+    n
+}
+
 impl LlgGuide {
     fn new(
         vocab: &VocabCore,
@@ -73,10 +114,22 @@ impl LlgGuide {
         invalid: fn(String) -> GuideError,
     ) -> Result<LlgGuide> {
         let factory = vocab.llg_factory()?;
-        let parser = factory
-            .create_parser(grammar)
-            .map_err(|e| classify(e, invalid))?;
-        let matcher = Matcher::new(Ok(parser));
+        // The compile (and the matcher's first step) on a thread with a large stack; see
+        // `COMPILE_STACK_BYTES`.
+        let compiled = std::thread::scope(|scope| {
+            let worker = std::thread::Builder::new()
+                .name("llguidance-compile".into())
+                .stack_size(COMPILE_STACK_BYTES)
+                .spawn_scoped(scope, move || {
+                    let parser = factory.create_parser(grammar)?;
+                    Ok(Matcher::new(Ok(parser)))
+                })
+                .map_err(|e| GuideError::Engine(format!("cannot start a compile thread: {e}")))?;
+            worker
+                .join()
+                .map_err(|_| GuideError::Engine("the compile panicked".into()))
+        })?;
+        let matcher = compiled.map_err(|e| classify(e, invalid))?;
         if let Some(e) = matcher.get_error() {
             return Err(invalid(e));
         }
@@ -110,6 +163,12 @@ impl LlgGuide {
                 )))
             }
         };
+        let objects = count_objects(&schema);
+        if objects > MAX_SCHEMA_OBJECTS {
+            return Err(GuideError::TooLarge(format!(
+                "the schema has {objects} JSON objects, over the limit of {MAX_SCHEMA_OBJECTS}"
+            )));
+        }
         if let Some(ws) = whitespace_pattern {
             regex_syntax::Parser::new()
                 .parse(ws)
@@ -138,6 +197,12 @@ impl LlgGuide {
     pub(crate) fn grammar(vocab: &VocabCore, grammar: &str) -> Result<LlgGuide> {
         if grammar.trim().is_empty() {
             return Err(GuideError::InvalidGrammar("the grammar is empty".into()));
+        }
+        if grammar.len() > MAX_GRAMMAR_BYTES {
+            return Err(GuideError::TooLarge(format!(
+                "the grammar is {} bytes, over the limit of {MAX_GRAMMAR_BYTES}",
+                grammar.len()
+            )));
         }
         let lark = if super::gbnf::is_gbnf(grammar) {
             super::gbnf::to_lark(grammar)?

@@ -39,6 +39,8 @@ mod trie;
 mod vocab;
 
 #[cfg(test)]
+mod fuzz_tests;
+#[cfg(test)]
 pub(crate) mod tests;
 
 use std::sync::{Arc, Mutex};

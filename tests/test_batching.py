@@ -118,8 +118,6 @@ def test_cancelling_half_the_streams_frees_them(servers: Servers) -> None:
 def test_long_prompts_are_prefilled_in_chunks_between_decodes(tiny_model_dir: Path) -> None:
     """A long prompt is fed `max_batch_tokens` at a time, in the same forwards as the running decodes, and its
     prompt logprobs are those of an unchunked prefill (checked against transformers in test_generation_e2e)."""
-    import httpx
-
     with start_stack(tiny_model_dir, max_batch_tokens=24) as stack:
         engine = stack.service.state.engine
         long_text = " ".join(f"word{i}" for i in range(120))

@@ -47,7 +47,6 @@ import random
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -57,30 +56,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from benchutil import cpu_seconds, free_port, pct  # bench/ is sys.path[0] when run as a script
+
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = (  # prompts are drawn from these words
     "the quick brown fox jumps over a lazy dog while seven tired wizards brew strong coffee near old river banks "
     "under bright summer stars and distant mountains echo with quiet songs of forgotten cities built from glass"
 )
 TARGETS = ("tokenwire", "transformers", "naive")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def version(package: str) -> str | None:

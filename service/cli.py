@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def _run_service(args: argparse.Namespace, with_gateway: bool) -> None:
     from . import model as model_mod
+    from .engine import EngineConfig
     from .params import Limits
     from .server import Service
 
@@ -167,9 +168,9 @@ async def _run_service(args: argparse.Namespace, with_gateway: bool) -> None:
         max_stop=args.max_stop,
         allow_request_chat_template=not args.no_request_chat_template,
     )
-    service = Service(host=args.grpc_host, port=args.grpc_port, limits=limits, max_running=args.max_running,
-                      max_waiting=args.max_waiting, kv_cache_tokens=args.kv_cache_tokens,
-                      max_batch_tokens=args.max_batch_tokens)  # fmt: skip
+    engine = EngineConfig(max_running=args.max_running, max_waiting=args.max_waiting,
+                          kv_cache_tokens=args.kv_cache_tokens, max_batch_tokens=args.max_batch_tokens)  # fmt: skip
+    service = Service(host=args.grpc_host, port=args.grpc_port, limits=limits, engine=engine)
     if args.metrics_port is not None:
         port = service.state.metrics.serve(args.grpc_host, args.metrics_port)
         log.info("service metrics", extra={"fields": {"url": f"http://{args.grpc_host}:{port}/metrics"}})

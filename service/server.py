@@ -24,6 +24,7 @@ from tokenwire.v1 import chat_pb2, chat_pb2_grpc, models_pb2, models_pb2_grpc
 from .engine import (
     BeamSettings,
     Engine,
+    EngineConfig,
     EngineRequest,
     FinishReason,
     QueueFull,
@@ -353,14 +354,10 @@ class Service:
         host: str = "127.0.0.1",
         port: int = 50051,
         limits: Limits | None = None,
-        max_running: int = 64,
-        max_waiting: int = 256,
-        kv_cache_tokens: int = 16384,
-        max_batch_tokens: int = 1024,
+        engine: EngineConfig | None = None,
     ) -> None:
         self.state = ServiceState(limits or Limits())
-        self.max_running, self.max_waiting = max_running, max_waiting
-        self.kv_cache_tokens, self.max_batch_tokens = kv_cache_tokens, max_batch_tokens
+        self.engine_config = engine or EngineConfig()
         self.server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", self.state.limits.max_request_bytes + 1024 * 1024),
@@ -398,10 +395,7 @@ class Service:
             served.tokenizer,
             vocab_size=served.vocab_size,
             eos_token_ids=served.eos_token_ids,
-            max_running=self.max_running,
-            max_waiting=self.max_waiting,
-            kv_cache_tokens=self.kv_cache_tokens,
-            max_batch_tokens=self.max_batch_tokens,
+            config=self.engine_config,
         )
         engine.start()
         self.state.metrics.bind(engine)

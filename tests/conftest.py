@@ -62,13 +62,14 @@ class Servers:
 
 @contextlib.contextmanager
 def start_stack(
-    model_dir: Path, name: str = "tiny-test", default_max_tokens: int = 32, **service_kwargs: Any
+    model_dir: Path, name: str = "tiny-test", default_max_tokens: int = 32, **engine_config: Any
 ) -> Iterator[Servers]:
     """The real service and gateway on free loopback ports, on a thread of their own, until the block ends."""
     import uvicorn
 
     from gateway.app import GatewayConfig, create_app
     from service import model as model_mod
+    from service.engine import EngineConfig
     from service.params import Limits
     from service.server import Service
 
@@ -78,7 +79,8 @@ def start_stack(
     http_port = free_port()
 
     async def main() -> None:
-        service = Service(port=0, limits=Limits(default_max_tokens=default_max_tokens), **service_kwargs)
+        service = Service(port=0, limits=Limits(default_max_tokens=default_max_tokens),
+                          engine=EngineConfig(**engine_config))  # fmt: skip
         await service.start()
         served = await asyncio.to_thread(model_mod.load, str(model_dir), served_model_name=name)
         await service.attach(served)

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .conftest import Servers
+from .test_beam import EosBias, tekken
 
 MESSAGES = [{"role": "user", "content": "Describe the sea."}]
 
@@ -73,18 +74,6 @@ def test_beams_compose_with_penalties_and_stream(servers: Servers, reference: tu
     assert streamed == texts  # the final beams, streamed once final
 
 
-class _Bias:
-    """Adds a bias to one token's score (transformers applies beam-search processors after log-softmax)."""
-
-    def __init__(self, token: int, bias: float) -> None:
-        self.token, self.bias = token, bias
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        scores = scores.clone()
-        scores[:, self.token] += self.bias
-        return scores
-
-
 @pytest.mark.parametrize("es", [True, False, "never"])
 def test_beams_reaching_eos_equal_transformers(servers: Servers, reference: tuple[Any, Any, list[int]],
                                                es: Any) -> None:  # fmt: skip
@@ -92,7 +81,7 @@ def test_beams_reaching_eos_equal_transformers(servers: Servers, reference: tupl
 
     model, tok, ids = reference
     eos = int(tok.eos_token_id)
-    expected = hf_beams(model, ids, 4, 4, 1.0, es, 12, logits_processor=LogitsProcessorList([_Bias(eos, 9.0)]))
+    expected = hf_beams(model, ids, 4, 4, 1.0, es, 12, logits_processor=LogitsProcessorList([EosBias(eos, 9.0)]))
     assert any(s and s[-1] == eos for s in expected), "the bias should make some beams end with EOS"
     r = httpx.post(f"{servers.http_url}/v1/chat/completions", timeout=120, json={
         "messages": MESSAGES, "use_beam_search": True, "n": 4, "best_of": 4, "early_stopping": es,
@@ -246,15 +235,13 @@ def test_engine_beams_equal_transformers_on_tekken(k: int, n: int, lp: float, es
     from service.engine import BeamSettings, Engine, EngineRequest
     from service.params import SamplingParams
 
-    from .test_beam import tekken
-
     model, tok, ids = tekken()
     eos = int(tok.eos_token_id)
     with torch.inference_mode():  # a bias on EOS (after log-softmax, as ours) makes some beams end with it
         out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                              num_beams=k, num_return_sequences=n, length_penalty=lp, early_stopping=es,
                              do_sample=False, max_new_tokens=8, pad_token_id=0,
-                             logits_processor=LogitsProcessorList([_Bias(eos, 6.0)]))  # fmt: skip
+                             logits_processor=LogitsProcessorList([EosBias(eos, 6.0)]))  # fmt: skip
     expected = [[int(t) for t in row[len(ids) :]] for row in out]
     expected = [s[: s.index(eos) + 1] if eos in s else s for s in expected]
     assert any(s[-1] == eos for s in expected), "the bias should make some beams end with EOS"

@@ -4,6 +4,7 @@
 from .engine import (
     BeamSettings,
     Engine,
+    EngineConfig,
     EngineRequest,
     FinishReason,
     QueueFull,
@@ -16,6 +17,7 @@ from .engine import (
 __all__ = [
     "BeamSettings",
     "Engine",
+    "EngineConfig",
     "EngineRequest",
     "FinishReason",
     "QueueFull",

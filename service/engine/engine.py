@@ -170,14 +170,13 @@ class _Group:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[StepEvent]
     admitted: int = 0  # admission order (the latest admitted is preempted first)
-    prompt: _Seq | None = None  # the prompt, while it is fed (before the group forks into rows or beams)
+    prompt: _Seq | None = None  # the prompt while it is fed; None once the group forked into rows or beams
     live: list[_Row] = field(default_factory=list)  # sampling rows still running
     beam: Any = None  # sampler_rs.BeamSearch
     beams: list[_Seq] = field(default_factory=list)  # one sequence per beam, in beam order
     beam_hist: list[list[int]] = field(default_factory=list)  # each beam's generated tokens
     prompt_lps: list[float] = field(default_factory=list)  # prompt logprobs so far (chunk by chunk)
     prompt_info: tuple[TokenInfo, ...] | None = None  # prompt logprobs, sent with row 0's first event
-    rows_made: bool = False  # the rows (or beams) exist; until then `prompt` is fed
     outbox: _Outbox | None = None  # the engine's: events leave once per step
 
     def emit(self, event: StepEvent) -> None:
@@ -186,9 +185,14 @@ class _Group:
         else:
             _Outbox.deliver_now(self.loop, [(self.queue, event)])
 
+    @property
+    def rows_made(self) -> bool:
+        """The rows (or beams) exist; until then `prompt` is fed."""
+        return self.prompt is None
+
     def seqs(self) -> list[_Seq]:
-        if not self.rows_made:
-            return [self.prompt] if self.prompt is not None else []
+        if self.prompt is not None:
+            return [self.prompt]
         if self.beam is not None:
             return self.beams
         return [row.kv for row in self.live]
@@ -233,6 +237,17 @@ class SequenceHandle:
             self._engine.cancel(self.seq_id)
 
 
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine's capacity (the `serve` flags of the same names)."""
+
+    max_running: int = 64  # groups stepped together; more wait, in arrival order
+    max_waiting: int = 256  # past this many waiting groups, submit() refuses (backpressure)
+    kv_cache_tokens: int = 16384  # the paged KV cache, in tokens
+    max_batch_tokens: int = 1024  # tokens per forward (decodes first, then prefill chunks)
+    block_size: int = 16  # tokens per KV block
+
+
 class Engine:
     """Owns the model runner (and its paged KV cache), the sampler and the step loop thread."""
 
@@ -243,16 +258,10 @@ class Engine:
         *,
         vocab_size: int,
         eos_token_ids: frozenset[int],
-        max_running: int = 64,
-        max_waiting: int = 256,
-        kv_cache_tokens: int = 16384,
-        max_batch_tokens: int = 1024,
-        block_size: int = 16,
+        config: EngineConfig | None = None,
     ) -> None:
-        self.max_running = max_running  # groups stepped together; more wait, in arrival order
-        self.max_waiting = max_waiting  # past this many waiting groups, submit() refuses (backpressure)
-        self.max_batch_tokens = max_batch_tokens  # tokens per forward (decodes first, then prefill chunks)
-        self.runner = ModelRunner(model, kv_cache_tokens, block_size)
+        self.config = config = config or EngineConfig()
+        self.runner = ModelRunner(model, config.kv_cache_tokens, config.block_size)
         self.cache = self.runner.cache
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
@@ -304,10 +313,11 @@ class Engine:
             raise TooLarge(f"the request needs up to {need} tokens of KV cache (prompt, plus max_tokens for each "
                            f"of its choices); the server holds {self.cache.capacity_tokens}")  # fmt: skip
         queue: asyncio.Queue[StepEvent] = asyncio.Queue()
-        group = _Group(next(self._ids), request, loop, queue, outbox=self._outbox)
+        group = _Group(next(self._ids), request, loop, queue, prompt=_Seq(pending=list(request.prompt_ids)),
+                       outbox=self._outbox)  # fmt: skip
         with self._cond:
-            if len(self._incoming) >= self.max_waiting:
-                raise QueueFull(f"{len(self._incoming)} requests are already waiting (limit {self.max_waiting})")
+            if len(self._incoming) >= self.config.max_waiting:
+                raise QueueFull(f"{len(self._incoming)} requests are already waiting (limit {self.config.max_waiting})")
             self._incoming.append(group)
             self._cond.notify_all()
         return SequenceHandle(self, group.group_id, queue, request.choices)
@@ -354,21 +364,21 @@ class Engine:
                     self._drop(gone)
                     self.cancellations += 1
             admitted: list[_Group] = []
-            while len(self._running) + len(admitted) < self.max_running:
+            while len(self._running) + len(admitted) < self.config.max_running:
                 source = self._preempted if self._preempted else self._incoming
                 if not source:
                     break
                 group = source[0]
-                need = sum(self.cache.blocks_for(len(s.pending) + s.length) for s in group.seqs()) if group.rows_made \
-                    else self.cache.blocks_for(len(group.request.prompt_ids) + 1)  # fmt: skip
+                need = sum(self.cache.blocks_for(s.length + len(s.pending)) for s in group.seqs())
                 reserved = sum(self._blocks_ahead(g) for g in [*self._running.values(), *admitted])
                 if need + reserved > self.cache.free_blocks and (self._running or admitted):
                     break  # wait for blocks to free up (never blocks an idle engine: it takes one at a time)
                 source.popleft()
                 admitted.append(group)
         for group in admitted:
+            fresh = group.admitted == 0  # not a preempted group coming back
             group.admitted = next(self._admissions)
-            if group.prompt is None and not group.rows_made:
+            if fresh:
                 try:
                     self._setup(group)
                 except Exception as exc:  # one bad request fails alone; the engine keeps serving the others
@@ -385,7 +395,6 @@ class Engine:
 
     def _setup(self, group: _Group) -> None:
         r = group.request
-        group.prompt = _Seq(pending=list(r.prompt_ids))
         if r.beam is not None:
             b = r.beam
             group.beam = sampler_rs.BeamSearch(
@@ -426,10 +435,9 @@ class Engine:
 
     def _drop(self, group: _Group) -> None:
         """Free a group's KV blocks and sampler state."""
-        for seq in [*group.seqs(), *([group.prompt] if group.prompt is not None else [])]:
+        for seq in group.seqs():
             self.cache.release(seq.table)
         for row in group.live:
-            self.cache.release(row.kv.table)
             if row.seq_id in self.sampler:
                 self.sampler.remove_sequence(row.seq_id)
         group.live.clear()
@@ -444,8 +452,7 @@ class Engine:
         """Free a running group's KV; it re-feeds everything it had when it is admitted again (recompute)."""
         r = group.request
         self._running.pop(group.group_id, None)
-        if not group.rows_made:
-            assert group.prompt is not None
+        if group.prompt is not None:
             self.cache.release(group.prompt.table)
             group.prompt = _Seq(pending=list(r.prompt_ids))
             group.prompt_lps.clear()
@@ -506,7 +513,7 @@ class Engine:
                         decodes.append((group, seq))
                     elif seq.pending:
                         prefills.append((group, seq))
-            budget = max(1, self.max_batch_tokens - len(decodes))
+            budget = max(1, self.config.max_batch_tokens - len(decodes))
             chosen: list[tuple[_Group, _Seq]] = []
             for group, seq in decodes:
                 seq.fed = 1
@@ -571,7 +578,7 @@ class Engine:
             picked = lps.gather(1, torch.tensor(targets, device=lps.device)[:, None])[:, 0]
             group.prompt_lps.extend(float(x) for x in picked.cpu())
 
-    def _fork_rows(self, group: _Group) -> bool:
+    def _fork_rows(self, group: _Group) -> None:
         """The prompt is fed: give each row (or beam) its sequence, sharing the prompt's blocks."""
         prompt = group.prompt
         assert prompt is not None
@@ -588,11 +595,9 @@ class Engine:
             for row, seq in zip(group.live, seqs, strict=True):
                 row.kv = seq
         group.prompt = None
-        group.rows_made = True
         if group.request.prompt_logprobs:
             prompt_ids = group.request.prompt_ids
             group.prompt_info = tuple(TokenInfo(t, lp) for t, lp in zip(prompt_ids[1:], group.prompt_lps, strict=True))
-        return True
 
     def _sample(self) -> None:
         """Sample every row whose logits are ready; step every beam group whose beams all are."""
@@ -601,8 +606,8 @@ class Engine:
         for group in list(self._running.values()):
             if group.group_id not in self._running:  # preempted meanwhile (to make room for another's rows)
                 continue
-            if not group.rows_made:
-                if group.prompt is None or group.prompt.logits is None:
+            if group.prompt is not None:
+                if group.prompt.logits is None:
                     continue
                 head, group.prompt.logits = group.prompt.logits, None
                 self._fork_rows(group)

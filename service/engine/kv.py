@@ -140,8 +140,9 @@ class StepBatch:
     decode_read: torch.Tensor | None = None  # [B, L] slots each decode token attends to (padding: slot 0)
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, L] True where attended
     decode_all: bool = False  # every token of the step is a decode token, in order (no gather needed)
-    prefills: list[tuple[int, int, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
-    # (first, end) in the step, the slots read [L], the causal mask [c, L] (None: the chunk is the whole prefix)
+    prefills: list[tuple[int, int, torch.Tensor | None, torch.Tensor | None]] = field(default_factory=list)
+    # (first, end) in the step, the slots read [L] and the causal mask [c, L]; both None when the chunk is the
+    # sequence's whole prefix (it attends to its own keys, plain causal attention)
 
 
 def build_batch(cache: PagedKVCache, chunks: list[Chunk], device: torch.device) -> tuple[StepBatch, Any, Any]:
@@ -151,7 +152,7 @@ def build_batch(cache: PagedKVCache, chunks: list[Chunk], device: torch.device) 
     positions: list[torch.Tensor] = []
     writes: list[torch.Tensor] = []
     decode: list[tuple[int, Chunk]] = []
-    prefills: list[tuple[int, int, torch.Tensor, torch.Tensor | None]] = []
+    prefills: list[tuple[int, int, torch.Tensor | None, torch.Tensor | None]] = []
     offset = 0
     for c in chunks:
         n = len(c.tokens)
@@ -161,13 +162,12 @@ def build_batch(cache: PagedKVCache, chunks: list[Chunk], device: torch.device) 
         writes.append(cache.slots(c.table, c.start, end))
         if n == 1 and c.start > 0:
             decode.append((offset, c))
-        else:
-            read = cache.slots(c.table, 0, end)
-            mask = None
-            if c.start > 0:  # a later chunk of a long prompt: causal over everything before it too
-                q = torch.arange(c.start, end)[:, None]
-                mask = (torch.arange(end)[None, :] <= q).to(device)
-            prefills.append((offset, offset + n, read.to(device), mask))
+        elif c.start == 0:
+            prefills.append((offset, offset + n, None, None))
+        else:  # a later chunk of a long prompt (or a recompute): causal over everything before it too
+            q = torch.arange(c.start, end)[:, None]
+            mask = (torch.arange(end)[None, :] <= q).to(device)
+            prefills.append((offset, offset + n, cache.slots(c.table, 0, end).to(device), mask))
         offset += n
     batch = StepBatch(cache, torch.cat(writes).to(device), prefills=prefills)
     if decode:
@@ -231,7 +231,7 @@ def paged_attention(
             out[batch.decode_rows] = o[:, :, 0]
     for first, end, read, mask in batch.prefills:
         q = query[:, :, first:end]
-        if mask is None and read.numel() == end - first:  # the whole prefix is this chunk: plain causal attention
+        if read is None:  # the whole prefix is this chunk: plain causal attention over its own keys
             k, v = key[:, :, first:end], value[:, :, first:end]
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
         else:

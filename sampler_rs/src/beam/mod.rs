@@ -582,16 +582,16 @@ impl BeamSearch {
                 bits,
                 only_eos: *only_eos,
             });
-            select::row_top(
-                &logits[b * width..b * width + v],
-                &self.shared,
-                &beam.tokens,
-                &self.eos,
-                beam.score,
+            select::row_top(&select::RowInput {
+                raw: &logits[b * width..b * width + v],
+                shared: &self.shared,
+                generated: &beam.tokens,
+                eos: &self.eos,
+                running: beam.score,
                 keep,
                 mask,
-                self.cfg.top_logprobs,
-            )
+                top_n: self.cfg.top_logprobs,
+            })
         };
         let rows: Vec<select::RowTop> = if self.cfg.num_beams * v >= PARALLEL_MIN_ELEMENTS {
             (0..self.cfg.num_beams).into_par_iter().map(row).collect()

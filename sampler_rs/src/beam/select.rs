@@ -80,35 +80,42 @@ fn allowed(mask: Option<RowMask<'_>>, t: TokenId) -> bool {
     mask.is_none_or(|m| m.bits[t as usize / 32] >> (t % 32) & 1 == 1)
 }
 
-/// One beam's row: `raw` is the row's first `vocab_size` logits; `generated` the beam's
-/// tokens; `eos` sorted; `mask` the beam's guide mask, if guided.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn row_top(
-    raw: &[f32],
-    shared: &Shared,
-    generated: &[TokenId],
-    eos: &[TokenId],
-    running: f32,
-    keep: usize,
-    mask: Option<RowMask<'_>>,
-    top_n: usize,
-) -> RowTop {
-    SCRATCH
-        .with_borrow_mut(|s| row_top_in(raw, shared, generated, eos, running, keep, mask, top_n, s))
+/// One beam's row and what its processors need.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct RowInput<'a> {
+    /// The row's first `vocab_size` logits.
+    pub raw: &'a [f32],
+    pub shared: &'a Shared,
+    /// The beam's generated tokens.
+    pub generated: &'a [TokenId],
+    /// EOS ids, sorted.
+    pub eos: &'a [TokenId],
+    /// The beam's running score.
+    pub running: f32,
+    /// Continuations to return.
+    pub keep: usize,
+    /// The beam's guide mask, if guided.
+    pub mask: Option<RowMask<'a>>,
+    /// Raw alternatives to return.
+    pub top_n: usize,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn row_top_in(
-    raw: &[f32],
-    shared: &Shared,
-    generated: &[TokenId],
-    eos: &[TokenId],
-    running: f32,
-    keep: usize,
-    mask: Option<RowMask<'_>>,
-    top_n: usize,
-    s: &mut Scratch,
-) -> RowTop {
+/// The best continuations of one beam (see [`RowTop`]).
+pub(super) fn row_top(input: &RowInput<'_>) -> RowTop {
+    SCRATCH.with_borrow_mut(|s| row_top_in(input, s))
+}
+
+fn row_top_in(input: &RowInput<'_>, s: &mut Scratch) -> RowTop {
+    let &RowInput {
+        raw,
+        shared,
+        generated,
+        eos,
+        running,
+        keep,
+        mask,
+        top_n,
+    } = input;
     let Scratch {
         row,
         floats,

@@ -153,7 +153,8 @@ class Guide:
 
     @property
     def engine(self) -> str:
-        """`"tokenwire-dfa"` (regex, choice) or `"llguidance"` (JSON Schema, json_object, grammars)."""
+        """`"tokenwire-dfa"` (regex, choice), `"tokenwire-json"` (JSON Schema, json_object) or
+        `"llguidance"` (grammars, and JSON Schemas using keywords our compiler lacks)."""
     @property
     def dfa_states(self) -> int | None:
         """Live DFA states of a `tokenwire-dfa` guide; `None` otherwise."""

@@ -79,7 +79,7 @@ def test_json_object(servers: Servers) -> None:
     # Random weights never close a JSON string by themselves: favour the closing characters with a logit bias
     # (the mask still decides where each may go).
     tok = servers.service.state.served.tokenizer
-    bias = {str(tok.convert_tokens_to_ids(t)): 8 for t in ['"', ":", "}", "1"]}
+    bias = {str(tok.convert_tokens_to_ids(t)): 12 for t in ['"', ":", "}", "1"]}
     for sampling in SAMPLING:
         r = complete(servers, response_format={"type": "json_object"}, max_tokens=60, logit_bias=bias,
                      guided_whitespace_pattern=" ?", **sampling)  # fmt: skip

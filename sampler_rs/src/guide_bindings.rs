@@ -122,7 +122,7 @@ impl PyGuide {
         compile(py, vocab, GuideSpec::Grammar(grammar))
     }
 
-    /// Which engine compiled this guide: `"tokenwire-dfa"` or `"llguidance"`.
+    /// Which engine compiled this guide: `"tokenwire-dfa"`, `"tokenwire-json"` or `"llguidance"`.
     #[getter]
     fn engine(&self) -> &'static str {
         self.inner.engine().name()

@@ -114,6 +114,13 @@ fn repetition_copies(hir: &Hir) -> u64 {
 
 impl DfaGuide {
     pub(crate) fn new(vocab: &VocabCore, pattern: &str, limits: &DfaLimits) -> Result<DfaGuide> {
+        let _ = vocab;
+        Self::build(pattern, limits, true)
+    }
+
+    /// Compiles `pattern`; with `utf8 = false` the pattern may match bytes that are not UTF-8
+    /// (`(?-u:\xFF)`): the JSON Schema compiler's call markers.
+    pub(crate) fn build(pattern: &str, limits: &DfaLimits, utf8: bool) -> Result<DfaGuide> {
         // A pattern that does not parse fails below, with the builder's message.
         if let Ok(hir) = regex_syntax::ParserBuilder::new()
             .nest_limit(NEST_LIMIT)
@@ -137,8 +144,12 @@ impl DfaGuide {
                     .dfa_size_limit(Some(limits.dfa_bytes))
                     .determinize_size_limit(Some(limits.determinize_bytes)),
             )
-            .syntax(syntax::Config::new().nest_limit(NEST_LIMIT))
-            .thompson(thompson::Config::new().nfa_size_limit(Some(limits.nfa_bytes)))
+            .syntax(syntax::Config::new().nest_limit(NEST_LIMIT).utf8(utf8))
+            .thompson(
+                thompson::Config::new()
+                    .nfa_size_limit(Some(limits.nfa_bytes))
+                    .utf8(utf8),
+            )
             .build(pattern)
             .map_err(build_error)?;
         let start = dfa
@@ -263,7 +274,6 @@ impl DfaGuide {
             }
         }
         let masks = (0..count).map(|_| OnceLock::new()).collect();
-        let _ = vocab;
         Ok(DfaGuide {
             classes,
             stride,
@@ -279,6 +289,28 @@ impl DfaGuide {
 
     pub(crate) fn start(&self) -> StateId {
         self.start
+    }
+
+    /// The live states, premultiplied ids.
+    pub(crate) fn states(&self) -> impl Iterator<Item = StateId> + '_ {
+        (1..self.accept.len()).map(move |k| (k * self.stride) as StateId)
+    }
+
+    /// One byte from `s` (`DEAD`, 0, when the byte leads nowhere).
+    #[inline(always)]
+    pub(crate) fn step(&self, s: StateId, b: u8) -> StateId {
+        self.trans[s as usize + self.classes[b as usize] as usize]
+    }
+
+    /// The dense index of state `s` (0 is the dead state).
+    #[inline(always)]
+    pub(crate) fn index(&self, s: StateId) -> usize {
+        s as usize / self.stride
+    }
+
+    /// Number of entries of the transition table (an upper bound of state ids).
+    pub(crate) fn table_len(&self) -> usize {
+        self.trans.len()
     }
 
     pub(crate) fn num_states(&self) -> usize {

@@ -168,7 +168,7 @@ fn walk(guide: &Guide, seed: u64) -> std::result::Result<(), String> {
     let n = vocab.len();
     let words = mask::words_for(n);
     let eos = vocab.eos_token_ids();
-    let is_dfa = guide.engine() == Engine::TokenwireDfa;
+    let is_dfa = matches!(guide.engine(), Engine::TokenwireDfa | Engine::TokenwireJson);
     let mut rng = Rng::seed_from_u64(seed);
     let mut state = GuideState::new(guide);
     // One word of logit-row padding past the vocabulary; buffers start dirty.
@@ -319,7 +319,7 @@ fn walk(guide: &Guide, seed: u64) -> std::result::Result<(), String> {
 fn llg_error(state: &GuideState) -> Option<String> {
     match &state.kind {
         StateKind::Llg(m) => m.lock().unwrap_or_else(|p| p.into_inner()).get_error(),
-        StateKind::Dfa(_) => None,
+        StateKind::Dfa(_) | StateKind::Json(_) => None,
     }
 }
 

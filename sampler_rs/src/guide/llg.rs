@@ -91,7 +91,7 @@ pub(crate) const MAX_GRAMMAR_BYTES: usize = 256 << 10;
 pub(crate) const MAX_SCHEMA_OBJECTS: usize = 50_000;
 
 /// Number of JSON objects in `v` (iterative: `v` may be deep).
-fn count_objects(v: &Value) -> usize {
+pub(crate) fn count_objects(v: &Value) -> usize {
     let mut stack = vec![v];
     let mut n = 0;
     while let Some(v) = stack.pop() {

@@ -3,7 +3,7 @@
 //!
 //! # Engines
 //!
-//! A [`Guide`] is compiled by one of two engines, named by [`Guide::engine`]:
+//! A [`Guide`] is compiled by one of three engines, named by [`Guide::engine`]:
 //!
 //! - **`tokenwire-dfa`** (ours): regexes and `choice`. The pattern becomes a byte-level DFA
 //!   (`regex-automata`, anchored, full match), re-tabled into a compact transition table whose
@@ -12,13 +12,19 @@
 //!   from walking the vocabulary's [`TokenTrie`] through that table (a rejected byte skips the
 //!   whole subtree), computed the first time the state is reached and then cached on the guide,
 //!   which is shared by every sequence: a step on a regular constraint copies a cached bitmask.
-//! - **`llguidance`** (the `llguidance` crate, MIT): JSON Schema, `json_object` and grammars
-//!   (Lark-style EBNF, which also accepts GBNF's `::=` rules). It runs with a non-canonical
-//!   tokenizer environment, so its masks allow every token that extends a valid prefix (no
-//!   canonical-tokenization forcing), like ours. It fails closed on unsupported JSON Schema
-//!   keywords.
+//! - **`tokenwire-json`** (ours): JSON Schema and `json_object`. The schema compiles to a
+//!   recursive transition network of byte DFAs (see `json`): regular parts are inlined into
+//!   DFA patterns, recursion and any-JSON values are calls onto a stack, and `minLength`/
+//!   `maxLength`/`minItems`/`maxItems` are counters, not unrolled automata. Masks are cached per
+//!   normalized matcher state, shared by every sequence. Keywords it does not implement make the
+//!   compile fall back to llguidance.
+//! - **`llguidance`** (the `llguidance` crate, MIT): grammars (Lark-style EBNF, which also
+//!   accepts GBNF's `::=` rules) and the JSON Schemas our compiler does not cover. It runs with a
+//!   non-canonical tokenizer environment, so its masks allow every token that extends a valid
+//!   prefix (no canonical-tokenization forcing), like ours. It fails closed on unsupported JSON
+//!   Schema keywords.
 //!
-//! # Conventions (both engines)
+//! # Conventions (every engine)
 //!
 //! - Bit `t` of a mask is set iff token `t` is allowed; words are `u32`, little bit first, and
 //!   bits past the vocabulary (logit-row padding) are always 0.
@@ -33,6 +39,7 @@
 mod dfa;
 mod error;
 mod gbnf;
+mod json;
 mod llg;
 mod mask;
 mod trie;
@@ -53,6 +60,7 @@ pub use vocab::Vocabulary;
 
 use crate::sampling::TokenId;
 use dfa::DfaGuide;
+use json::rtn::Rtn;
 use llg::LlgGuide;
 use vocab::VocabCore;
 
@@ -87,6 +95,8 @@ pub enum GuideSpec {
 pub enum Engine {
     /// Our byte-DFA engine.
     TokenwireDfa,
+    /// Our JSON Schema compiler (a network of byte DFAs with calls and counters).
+    TokenwireJson,
     /// The `llguidance` crate.
     Llguidance,
 }
@@ -96,6 +106,7 @@ impl Engine {
     pub fn name(self) -> &'static str {
         match self {
             Engine::TokenwireDfa => "tokenwire-dfa",
+            Engine::TokenwireJson => "tokenwire-json",
             Engine::Llguidance => "llguidance",
         }
     }
@@ -105,6 +116,7 @@ impl Engine {
 #[allow(clippy::large_enum_variant)]
 enum GuideKind {
     Dfa(DfaGuide),
+    Json(Box<Rtn>),
     Llg(Box<LlgGuide>),
 }
 
@@ -152,17 +164,9 @@ impl Guide {
             GuideSpec::JsonSchema {
                 schema,
                 whitespace_pattern,
-            } => GuideKind::Llg(Box::new(LlgGuide::json_schema(
-                vocab,
-                schema,
-                whitespace_pattern.as_deref(),
-            )?)),
+            } => json_guide(vocab, schema, whitespace_pattern.as_deref())?,
             GuideSpec::JsonObject { whitespace_pattern } => {
-                GuideKind::Llg(Box::new(LlgGuide::json_schema(
-                    vocab,
-                    r#"{"type":"object"}"#,
-                    whitespace_pattern.as_deref(),
-                )?))
+                json_guide(vocab, r#"{"type":"object"}"#, whitespace_pattern.as_deref())?
             }
             GuideSpec::Grammar(grammar) => {
                 GuideKind::Llg(Box::new(LlgGuide::grammar(vocab, grammar)?))
@@ -180,6 +184,7 @@ impl Guide {
     pub fn engine(&self) -> Engine {
         match self.inner.kind {
             GuideKind::Dfa(_) => Engine::TokenwireDfa,
+            GuideKind::Json(_) => Engine::TokenwireJson,
             GuideKind::Llg(_) => Engine::Llguidance,
         }
     }
@@ -208,13 +213,14 @@ impl Guide {
     pub fn dfa_states(&self) -> Option<usize> {
         match &self.inner.kind {
             GuideKind::Dfa(d) => Some(d.num_states()),
-            GuideKind::Llg(_) => None,
+            GuideKind::Json(_) | GuideKind::Llg(_) => None,
         }
     }
 }
 
 enum StateKind {
     Dfa(StateId),
+    Json(json::rtn::Stacks),
     // Boxed: a matcher is large, and a DFA state is one word.
     Llg(Box<Mutex<llguidance::Matcher>>),
 }
@@ -243,6 +249,7 @@ impl Clone for GuideState {
     fn clone(&self) -> Self {
         let kind = match &self.kind {
             StateKind::Dfa(s) => StateKind::Dfa(*s),
+            StateKind::Json(s) => StateKind::Json(s.clone()),
             StateKind::Llg(m) => {
                 let m = m.lock().unwrap_or_else(|p| p.into_inner());
                 StateKind::Llg(Box::new(Mutex::new(m.clone())))
@@ -262,6 +269,7 @@ impl GuideState {
     pub fn new(guide: &Guide) -> GuideState {
         let kind = match &guide.inner.kind {
             GuideKind::Dfa(d) => StateKind::Dfa(d.start()),
+            GuideKind::Json(r) => StateKind::Json(r.start()),
             GuideKind::Llg(l) => StateKind::Llg(Box::new(Mutex::new(l.matcher()))),
         };
         GuideState {
@@ -296,6 +304,9 @@ impl GuideState {
         match (&mut self.kind, &self.guide.inner.kind) {
             (StateKind::Dfa(s), GuideKind::Dfa(d)) => {
                 d.fill_mask(vocab, *s, &mut out[..words]);
+            }
+            (StateKind::Json(s), GuideKind::Json(r)) => {
+                r.fill_mask(vocab, s, &mut out[..words])?;
             }
             (StateKind::Llg(m), GuideKind::Llg(l)) => {
                 let m = m.get_mut().unwrap_or_else(|p| p.into_inner());
@@ -332,6 +343,15 @@ impl GuideState {
                 }
                 None => false,
             },
+            (StateKind::Json(s), GuideKind::Json(r)) => {
+                match r.advance(s, vocab.token_bytes(token)) {
+                    Ok(Some(next)) => {
+                        *s = next;
+                        true
+                    }
+                    Ok(None) | Err(_) => false,
+                }
+            }
             (StateKind::Llg(m), GuideKind::Llg(l)) => {
                 let m = m.get_mut().unwrap_or_else(|p| p.into_inner());
                 let ok = l.advance(m, token);
@@ -351,6 +371,7 @@ impl GuideState {
         }
         match (&mut self.kind, &self.guide.inner.kind) {
             (StateKind::Dfa(s), GuideKind::Dfa(d)) => d.is_accepting(*s),
+            (StateKind::Json(s), GuideKind::Json(r)) => r.is_accepting(s),
             (StateKind::Llg(m), GuideKind::Llg(_)) => {
                 if let Some(a) = self.llg_accepting {
                     return a;
@@ -372,6 +393,7 @@ impl GuideState {
         }
         match (&mut self.kind, &self.guide.inner.kind) {
             (StateKind::Dfa(s), GuideKind::Dfa(d)) => d.is_accepting(*s) && !d.can_continue(*s),
+            (StateKind::Json(s), GuideKind::Json(r)) => r.is_accepting(s) && !r.can_continue(s),
             (StateKind::Llg(m), GuideKind::Llg(_)) => {
                 let m = m.get_mut().unwrap_or_else(|p| p.into_inner());
                 LlgGuide::is_finished(m)
@@ -384,4 +406,23 @@ impl GuideState {
     pub fn ended(&self) -> bool {
         self.ended
     }
+}
+
+/// A JSON Schema guide: our compiler when it implements everything the schema uses, else
+/// llguidance (which fails closed on what it does not implement either).
+fn json_guide(vocab: &VocabCore, schema: &str, whitespace: Option<&str>) -> Result<GuideKind> {
+    let parsed: Option<serde_json::Value> = serde_json::from_str(schema).ok();
+    let ws_ok = whitespace.is_none_or(|w| regex_syntax::Parser::new().parse(w).is_ok());
+    if let Some(v) = parsed.filter(|v| {
+        ws_ok
+            && (v.is_object() || v.as_bool() == Some(true))
+            && llg::count_objects(v) <= llg::MAX_SCHEMA_OBJECTS
+    }) {
+        if let json::Outcome::Compiled(r) = json::compile(vocab, &v, whitespace) {
+            return Ok(GuideKind::Json(Box::new(r)));
+        }
+    }
+    Ok(GuideKind::Llg(Box::new(LlgGuide::json_schema(
+        vocab, schema, whitespace,
+    )?)))
 }

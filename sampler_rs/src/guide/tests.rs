@@ -325,7 +325,7 @@ fn compile_errors_are_clear() {
     assert!(e.to_string().contains("too large"), "{e}");
     let e = vocab
         .compile(&GuideSpec::JsonSchema {
-            schema: r#"{"type":"object","patternPropertiesX":1,"uniqueItems":true}"#.into(),
+            schema: r#"{"type":"array","patternPropertiesX":1,"uniqueItems":true}"#.into(),
             whitespace_pattern: None,
         })
         .unwrap_err();
@@ -358,7 +358,7 @@ fn walk_bytes(g: &Guide, text: &[u8]) -> (bool, bool) {
 }
 
 #[test]
-fn json_schema_through_llguidance() {
+fn json_schema_masks_and_whitespace() {
     let vocab = toy_vocab();
     let schema = r#"{"type":"object","properties":{"a":{"type":"integer","minimum":0},"b":{"enum":["x","y"]}},"required":["a"],"additionalProperties":false}"#;
     let g = vocab
@@ -367,7 +367,7 @@ fn json_schema_through_llguidance() {
             whitespace_pattern: None,
         })
         .unwrap();
-    assert_eq!(g.engine(), Engine::Llguidance);
+    assert_eq!(g.engine(), Engine::TokenwireJson);
     assert_eq!(walk_bytes(&g, br#"{"a":12,"b":"y"}"#), (true, true));
     assert_eq!(walk_bytes(&g, br#"{"a":12}"#), (true, true));
     assert!(!walk_bytes(&g, br#"{"a":-1}"#).1);

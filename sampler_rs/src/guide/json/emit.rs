@@ -1,0 +1,1349 @@
+//! JSON Schema → rules of the recursive transition network ([`super::rtn`]).
+//!
+//! Every sub-schema becomes a regex over bytes. Small ones are inlined into their parent's
+//! pattern (one DFA for the shape of an object, its keys and its scalar values); a sub-schema
+//! becomes a rule of its own, reached by a call marker, when it is recursive (`$ref` cycles),
+//! large, any-JSON (`true`, `additionalProperties` by default), or a repetition counted past
+//! [`INLINE_COUNT`] (strings' `minLength`/`maxLength`, arrays' `minItems`/`maxItems`), which is
+//! a counted rule instead of an unrolled pattern.
+//!
+//! Fail closed: every JSON Schema validation keyword is either implemented here or reported as
+//! [`Fail::Unsupported`] (the caller then tries llguidance, which implements more keywords and
+//! refuses what neither engine supports); keywords outside JSON Schema's vocabularies are
+//! annotations and are ignored, as the specification says.
+//!
+//! Policies (shared with our llguidance configuration, so both engines accept the same texts):
+//! properties appear in the schema's order, declared ones before additional ones, each at most
+//! once; strings use JSON escapes (`\"`, `\\`, `\/`, `\b\f\n\r\t`, `\uXXXX`); numbers are JSON
+//! numbers and integers have no fraction or exponent; whitespace between JSON tokens is
+//! `whitespace_pattern`, at most once (none when it is not given); `oneOf` is accepted when its
+//! branches cannot both match (disjoint JSON types), since the engine cannot enforce "exactly one".
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt::Write as _;
+
+use regex_syntax::hir::{self, Class, ClassUnicode, ClassUnicodeRange, Hir, HirKind, Look};
+use serde_json::{Map, Value};
+
+use super::rtn::MARKER;
+
+/// Counted repetitions up to this many copies are inlined into the DFA.
+pub(crate) const INLINE_COUNT: u32 = 8;
+/// Sub-schemas whose pattern is longer than this become rules of their own.
+const INLINE_BYTES: usize = 1200;
+/// Most rules a schema may compile to.
+const MAX_RULES: usize = 4096;
+/// Most pattern bytes, all rules together.
+const MAX_PATTERN_BYTES: usize = 8 << 20;
+/// Deepest nesting of sub-schemas the emitter follows.
+const MAX_DEPTH: u32 = 200;
+
+/// Why the emitter did not produce rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Fail {
+    /// A keyword or form our compiler does not implement (another engine may).
+    Unsupported(String),
+    /// The schema (or a part that must match) matches no JSON value.
+    Unsatisfiable(String),
+    /// Past a size budget.
+    TooLarge(String),
+}
+
+type R<T> = std::result::Result<T, Fail>;
+
+/// One rule's source: a pattern over bytes with call markers.
+pub(crate) struct RuleSrc {
+    pub pattern: String,
+    /// The rules its pattern calls.
+    pub callees: Vec<u32>,
+    /// A counted rule: the pattern is one element, repeated `min..=max` times.
+    pub count: Option<(u32, Option<u32>)>,
+}
+
+/// Keywords of JSON Schema's validation vocabularies (all drafts) that this compiler does not
+/// implement in any form.
+const UNSUPPORTED: &[&str] = &[
+    "not",
+    "if",
+    "then",
+    "else",
+    "dependencies",
+    "dependentRequired",
+    "dependentSchemas",
+    "patternProperties",
+    "propertyNames",
+    "contains",
+    "minContains",
+    "maxContains",
+    "unevaluatedItems",
+    "unevaluatedProperties",
+    "$dynamicRef",
+    "$recursiveRef",
+    "$dynamicAnchor",
+    "$recursiveAnchor",
+    "$anchor",
+];
+
+/// Keywords implemented here (some only in some forms; the others fail as unsupported).
+const IMPLEMENTED: &[&str] = &[
+    "type",
+    "enum",
+    "const",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "multipleOf",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "format",
+    "items",
+    "prefixItems",
+    "additionalItems",
+    "minItems",
+    "maxItems",
+    "uniqueItems",
+    "properties",
+    "required",
+    "additionalProperties",
+    "minProperties",
+    "maxProperties",
+    "anyOf",
+    "oneOf",
+    "allOf",
+    "$ref",
+];
+
+const JSON_TYPES: [&str; 6] = ["null", "boolean", "object", "array", "number", "string"];
+
+/// One JSON string character: an unescaped one or an escape.
+const CHAR: &str = r#"(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})"#;
+const NUMBER: &str = r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?";
+const INTEGER: &str = r"-?(?:0|[1-9][0-9]*)";
+
+fn marker(id: u32) -> String {
+    format!(
+        "(?-u:\\x{:02X}\\x{:02X}\\x{:02X})",
+        MARKER,
+        (id >> 8) & 0xFF,
+        id & 0xFF
+    )
+}
+
+/// The callees named by the markers in `pattern`.
+pub(crate) fn callees_of(pattern: &str) -> Vec<u32> {
+    let needle = "(?-u:\\xFF\\x";
+    let mut out = BTreeSet::new();
+    let mut rest = pattern;
+    while let Some(i) = rest.find(needle) {
+        let tail = &rest[i + needle.len()..];
+        // `HH\xLL)`
+        if let (Some(hi), Some(lo)) = (tail.get(0..2), tail.get(4..6)) {
+            if let (Ok(h), Ok(l)) = (u32::from_str_radix(hi, 16), u32::from_str_radix(lo, 16)) {
+                out.insert(h << 8 | l);
+            }
+        }
+        rest = &rest[i + needle.len()..];
+    }
+    out.into_iter().collect()
+}
+
+struct Emitter<'a> {
+    root: &'a Value,
+    /// Optional whitespace between JSON tokens, as a pattern (`""` when none is allowed).
+    w: String,
+    rules: Vec<Option<RuleSrc>>,
+    ref_rules: HashMap<String, u32>,
+    expanding: Vec<String>,
+    any_rule: Option<u32>,
+    string_rules: HashMap<(u32, Option<u32>), u32>,
+    pattern_bytes: usize,
+    depth: u32,
+}
+
+/// Compiles `schema` (the root, for `$ref`) into rules; rule 0 is the start.
+pub(crate) fn emit(schema: &Value, whitespace: Option<&str>) -> R<Vec<RuleSrc>> {
+    if has_nested_id(schema, true) && has_key(schema, "$ref") {
+        return Err(Fail::Unsupported(
+            "`$id` in a sub-schema (a new base for `$ref`)".into(),
+        ));
+    }
+    let mut e = Emitter {
+        root: schema,
+        w: whitespace.map_or(String::new(), |w| format!("(?:{w})?")),
+        rules: vec![None],
+        ref_rules: HashMap::new(),
+        expanding: Vec::new(),
+        any_rule: None,
+        string_rules: HashMap::new(),
+        pattern_bytes: 0,
+        depth: 0,
+    };
+    let body = e.value(schema)?;
+    e.set_rule(0, body, None)?;
+    e.rules
+        .into_iter()
+        .map(|r| r.ok_or_else(|| Fail::Unsupported("an unfinished rule".into())))
+        .collect()
+}
+
+fn has_key(v: &Value, key: &str) -> bool {
+    match v {
+        Value::Object(m) => m.contains_key(key) || m.values().any(|x| has_key(x, key)),
+        Value::Array(a) => a.iter().any(|x| has_key(x, key)),
+        _ => false,
+    }
+}
+
+fn has_nested_id(v: &Value, root: bool) -> bool {
+    match v {
+        Value::Object(m) => {
+            (!root && m.get("$id").is_some_and(Value::is_string))
+                || m.iter()
+                    .any(|(k, x)| k != "enum" && k != "const" && has_nested_id(x, false))
+        }
+        Value::Array(a) => a.iter().any(|x| has_nested_id(x, false)),
+        _ => false,
+    }
+}
+
+fn unsupported<T>(what: impl Into<String>) -> R<T> {
+    Err(Fail::Unsupported(what.into()))
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+fn is_integer(n: &serde_json::Number) -> bool {
+    n.is_i64()
+        || n.is_u64()
+        || n.as_f64()
+            .is_some_and(|f| f.fract() == 0.0 && f.is_finite())
+}
+
+impl<'a> Emitter<'a> {
+    fn new_rule(&mut self) -> R<u32> {
+        if self.rules.len() >= MAX_RULES {
+            return Err(Fail::TooLarge(format!(
+                "the schema needs more than {MAX_RULES} rules"
+            )));
+        }
+        self.rules.push(None);
+        Ok((self.rules.len() - 1) as u32)
+    }
+
+    fn set_rule(&mut self, id: u32, pattern: String, count: Option<(u32, Option<u32>)>) -> R<()> {
+        self.pattern_bytes += pattern.len();
+        if self.pattern_bytes > MAX_PATTERN_BYTES {
+            return Err(Fail::TooLarge(format!(
+                "the schema's patterns exceed {MAX_PATTERN_BYTES} bytes"
+            )));
+        }
+        let callees = callees_of(&pattern);
+        self.rules[id as usize] = Some(RuleSrc {
+            pattern,
+            callees,
+            count,
+        });
+        Ok(())
+    }
+
+    /// A pattern that matches `body` as a rule of its own when it is large.
+    fn maybe_call(&mut self, body: String) -> R<String> {
+        if body.len() <= INLINE_BYTES {
+            return Ok(body);
+        }
+        let id = self.new_rule()?;
+        self.set_rule(id, body, None)?;
+        Ok(marker(id))
+    }
+
+    fn ws(&self) -> &str {
+        &self.w
+    }
+
+    /// Any JSON value.
+    fn any(&mut self) -> R<String> {
+        if let Some(id) = self.any_rule {
+            return Ok(marker(id));
+        }
+        let id = self.new_rule()?;
+        self.any_rule = Some(id);
+        let w = self.w.clone();
+        let call = marker(id);
+        let string = format!("\"{CHAR}*\"");
+        let body = format!(
+            "(?:null|true|false|{NUMBER}|{string}|\\[{w}(?:{call}(?:{w},{w}{call})*{w})?\\]|\\{{{w}(?:{string}{w}:{w}{call}(?:{w},{w}{string}{w}:{w}{call})*{w})?\\}})"
+        );
+        self.set_rule(id, body, None)?;
+        Ok(call)
+    }
+
+    fn resolve(&self, reference: &str) -> R<&'a Value> {
+        let Some(pointer) = reference.strip_prefix('#') else {
+            return unsupported(format!("`$ref` to another document ({reference})"));
+        };
+        let pointer = percent_decode(pointer);
+        if !pointer.is_empty() && !pointer.starts_with('/') {
+            return unsupported(format!("`$ref` to an anchor ({reference})"));
+        }
+        self.root
+            .pointer(&pointer)
+            .ok_or_else(|| Fail::Unsupported(format!("`$ref` {reference} does not resolve")))
+    }
+
+    fn reference(&mut self, reference: &str) -> R<String> {
+        if let Some(&id) = self.ref_rules.get(reference) {
+            return Ok(marker(id));
+        }
+        let target = self.resolve(reference)?;
+        if self.expanding.iter().any(|r| r == reference) {
+            // A cycle: the reference becomes a rule, called from here and from now on.
+            let id = self.new_rule()?;
+            self.ref_rules.insert(reference.to_string(), id);
+            self.expanding.push(format!("{reference} (rule)"));
+            let body = self.value(target);
+            self.expanding.pop();
+            self.set_rule(id, body?, None)?;
+            return Ok(marker(id));
+        }
+        self.expanding.push(reference.to_string());
+        let body = self.value(target);
+        self.expanding.pop();
+        let body = body?;
+        if let Some(&id) = self.ref_rules.get(reference) {
+            // Recursive: its rule was made while expanding it.
+            return Ok(marker(id));
+        }
+        if body.len() > INLINE_BYTES {
+            let id = self.new_rule()?;
+            self.set_rule(id, body, None)?;
+            self.ref_rules.insert(reference.to_string(), id);
+            return Ok(marker(id));
+        }
+        Ok(body)
+    }
+
+    fn value(&mut self, schema: &'a Value) -> R<String> {
+        self.depth += 1;
+        let out = if self.depth > MAX_DEPTH {
+            Err(Fail::TooLarge(format!(
+                "the schema nests deeper than {MAX_DEPTH} levels"
+            )))
+        } else {
+            match schema {
+                Value::Bool(true) => self.any(),
+                Value::Bool(false) => Err(Fail::Unsatisfiable("`false`".into())),
+                Value::Object(m) => self.object_schema(m),
+                _ => unsupported("a schema that is neither an object nor a boolean"),
+            }
+        };
+        self.depth -= 1;
+        out
+    }
+
+    fn object_schema(&mut self, m: &'a Map<String, Value>) -> R<String> {
+        for k in UNSUPPORTED {
+            if m.contains_key(*k) {
+                return unsupported(format!("`{k}`"));
+            }
+        }
+        let validating: Vec<&str> = m
+            .keys()
+            .map(String::as_str)
+            .filter(|k| IMPLEMENTED.contains(k))
+            .collect();
+        let only = |k: &str| validating.iter().all(|x| *x == k);
+
+        if let Some(r) = m.get("$ref") {
+            let Some(r) = r.as_str() else {
+                return unsupported("a `$ref` that is not a string");
+            };
+            if !only("$ref") {
+                return unsupported("`$ref` with sibling keywords");
+            }
+            return self.reference(r);
+        }
+        if let Some(all) = m.get("allOf") {
+            let Some(all) = all.as_array() else {
+                return unsupported("an `allOf` that is not an array");
+            };
+            if all.len() == 1 && only("allOf") {
+                return self.value(&all[0]);
+            }
+            return unsupported("`allOf` of several schemas");
+        }
+        for key in ["anyOf", "oneOf"] {
+            if let Some(any) = m.get(key) {
+                let Some(branches) = any.as_array() else {
+                    return unsupported(format!("a `{key}` that is not an array"));
+                };
+                if !only(key) {
+                    return unsupported(format!("`{key}` with sibling keywords"));
+                }
+                if key == "oneOf" && !self.disjoint(branches) {
+                    return unsupported("`oneOf` whose branches may overlap");
+                }
+                let mut alts = Vec::new();
+                for b in branches {
+                    match self.value(b) {
+                        Ok(p) => alts.push(p),
+                        Err(Fail::Unsatisfiable(_)) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                if alts.is_empty() {
+                    return Err(Fail::Unsatisfiable(format!("every `{key}` branch")));
+                }
+                return Ok(format!("(?:{})", alts.join("|")));
+            }
+        }
+
+        let types = self.types(m)?;
+        if let Some(c) = m.get("const") {
+            return self.literals(m, std::slice::from_ref(c), &types);
+        }
+        if let Some(e) = m.get("enum") {
+            let Some(e) = e.as_array() else {
+                return unsupported("an `enum` that is not an array");
+            };
+            return self.literals(m, e, &types);
+        }
+        let mut alts = Vec::new();
+        for t in &types {
+            let p = match *t {
+                "null" => "null".to_string(),
+                "boolean" => "(?:true|false)".to_string(),
+                "integer" => self.integer(m)?,
+                "number" => self.number(m)?,
+                "string" => match self.string(m) {
+                    Ok(p) => p,
+                    Err(Fail::Unsatisfiable(_)) if types.len() > 1 => continue,
+                    Err(e) => return Err(e),
+                },
+                "array" => match self.array(m) {
+                    Ok(p) => p,
+                    Err(Fail::Unsatisfiable(_)) if types.len() > 1 => continue,
+                    Err(e) => return Err(e),
+                },
+                "object" => match self.object(m) {
+                    Ok(p) => p,
+                    Err(Fail::Unsatisfiable(_)) if types.len() > 1 => continue,
+                    Err(e) => return Err(e),
+                },
+                other => return unsupported(format!("`type` {other}")),
+            };
+            alts.push(p);
+        }
+        match alts.len() {
+            0 => Err(Fail::Unsatisfiable("no type can match".into())),
+            1 => Ok(alts.pop().unwrap_or_default()),
+            _ => Ok(format!("(?:{})", alts.join("|"))),
+        }
+    }
+
+    /// The schema's types, `integer` dropped when `number` is there; all of them when `type`
+    /// is absent.
+    fn types(&self, m: &Map<String, Value>) -> R<Vec<&'static str>> {
+        let named: Vec<&str> = match m.get("type") {
+            None => return Ok(JSON_TYPES.to_vec()),
+            Some(Value::String(s)) => vec![s.as_str()],
+            Some(Value::Array(a)) => {
+                let mut v = Vec::new();
+                for t in a {
+                    match t.as_str() {
+                        Some(s) => v.push(s),
+                        None => return unsupported("a `type` list with a non-string"),
+                    }
+                }
+                v
+            }
+            Some(_) => return unsupported("a `type` that is neither a string nor a list"),
+        };
+        for t in &named {
+            if !JSON_TYPES.contains(t) && *t != "integer" {
+                return unsupported(format!("`type` {t}"));
+            }
+        }
+        let mut out = Vec::new();
+        for t in [
+            "null", "boolean", "object", "array", "number", "integer", "string",
+        ] {
+            if named.contains(&t) && !(t == "integer" && named.contains(&"number")) {
+                out.push(t);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The JSON types a schema can match, when they follow from `type`/`const`/`enum` (for
+    /// `oneOf`).
+    fn type_set(&self, v: &Value, depth: u32) -> Option<BTreeSet<&'static str>> {
+        let m = v.as_object()?;
+        if depth > 32 {
+            return None;
+        }
+        if let Some(r) = m.get("$ref").and_then(Value::as_str) {
+            return self.type_set(self.resolve(r).ok()?, depth + 1);
+        }
+        let lit = m
+            .get("const")
+            .map(std::slice::from_ref)
+            .or_else(|| m.get("enum").and_then(Value::as_array).map(Vec::as_slice));
+        if let Some(lits) = lit {
+            return Some(lits.iter().map(json_type).collect());
+        }
+        m.get("type")?;
+        let types = self.types(m).ok()?;
+        Some(
+            types
+                .into_iter()
+                .map(|t| if t == "integer" { "number" } else { t })
+                .collect(),
+        )
+    }
+
+    fn disjoint(&self, branches: &[Value]) -> bool {
+        let mut seen: BTreeSet<&str> = BTreeSet::new();
+        for b in branches {
+            let Some(ts) = self.type_set(b, 0) else {
+                return false;
+            };
+            for t in ts {
+                if !seen.insert(t) {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    fn literals(&mut self, m: &Map<String, Value>, values: &[Value], types: &[&str]) -> R<String> {
+        let others = m
+            .keys()
+            .filter(|k| {
+                IMPLEMENTED.contains(&k.as_str())
+                    && !["type", "enum", "const"].contains(&k.as_str())
+            })
+            .count();
+        if others > 0 {
+            return unsupported("`enum`/`const` with other validation keywords");
+        }
+        let mut alts = Vec::new();
+        for v in values {
+            let t = json_type(v);
+            let ok = types.contains(&t)
+                || (t == "number"
+                    && types.contains(&"integer")
+                    && v.as_number().is_some_and(is_integer));
+            if ok {
+                alts.push(self.literal(v));
+            }
+        }
+        if alts.is_empty() {
+            return Err(Fail::Unsatisfiable(
+                "no `enum` value has the schema's type".into(),
+            ));
+        }
+        Ok(format!("(?:{})", alts.join("|")))
+    }
+
+    /// A JSON value written exactly (whitespace between its tokens allowed).
+    fn literal(&self, v: &Value) -> String {
+        let w = self.ws();
+        match v {
+            Value::Array(a) => {
+                let items: Vec<String> = a.iter().map(|x| self.literal(x)).collect();
+                if items.is_empty() {
+                    return format!("\\[{w}\\]");
+                }
+                format!("\\[{w}{}{w}\\]", items.join(&format!("{w},{w}")))
+            }
+            Value::Object(o) => {
+                let items: Vec<String> = o
+                    .iter()
+                    .map(|(k, x)| format!("{}{w}:{w}{}", json_string_literal(k), self.literal(x)))
+                    .collect();
+                if items.is_empty() {
+                    return format!("\\{{{w}\\}}");
+                }
+                format!("\\{{{w}{}{w}\\}}", items.join(&format!("{w},{w}")))
+            }
+            Value::String(s) => json_string_literal(s),
+            other => regex_syntax::escape(&other.to_string()),
+        }
+    }
+
+    fn integer(&mut self, m: &Map<String, Value>) -> R<String> {
+        if let Some(k) = m.get("multipleOf") {
+            if k.as_f64() != Some(1.0) {
+                return unsupported("`multipleOf` other than 1");
+            }
+        }
+        let (lo, hi) = int_bounds(m)?;
+        if lo.is_none() && hi.is_none() {
+            return Ok(INTEGER.to_string());
+        }
+        let (lo, hi) = (lo.unwrap_or(i64::MIN), hi.unwrap_or(i64::MAX));
+        if lo > hi {
+            return Err(Fail::Unsatisfiable("empty integer range".into()));
+        }
+        Ok(int_range(lo, hi))
+    }
+
+    fn number(&mut self, m: &Map<String, Value>) -> R<String> {
+        if m.contains_key("multipleOf") {
+            return unsupported("`multipleOf` on a number");
+        }
+        let num = |k: &str| m.get(k).and_then(Value::as_f64);
+        let draft4_excl = |k: &str| m.get(k).and_then(Value::as_bool).unwrap_or(false);
+        if m.contains_key("maximum") || m.contains_key("exclusiveMaximum") {
+            return unsupported("`maximum` on a number");
+        }
+        let (min, exclusive) = match (num("minimum"), num("exclusiveMinimum")) {
+            (None, None) => return Ok(NUMBER.to_string()),
+            (Some(a), None) => (a, draft4_excl("exclusiveMinimum")),
+            (None, Some(b)) => (b, true),
+            (Some(a), Some(b)) => {
+                if b >= a {
+                    (b, true)
+                } else {
+                    (a, false)
+                }
+            }
+        };
+        const EXP: &str = "(?:[eE][+-]?[0-9]+)?";
+        if min == 0.0 && !exclusive {
+            return Ok(format!("(?:0|[1-9][0-9]*)(?:\\.[0-9]+)?{EXP}"));
+        }
+        if min == 0.0 && exclusive {
+            return Ok(format!(
+                "(?:[1-9][0-9]*(?:\\.[0-9]+)?|0\\.[0-9]*[1-9][0-9]*){EXP}"
+            ));
+        }
+        unsupported("a `minimum` other than 0 on a number")
+    }
+
+    fn string(&mut self, m: &Map<String, Value>) -> R<String> {
+        let min = count_kw(m, "minLength")?.unwrap_or(0);
+        let max = count_kw(m, "maxLength")?;
+        if max.is_some_and(|x| x < min) {
+            return Err(Fail::Unsatisfiable("`maxLength` < `minLength`".into()));
+        }
+        let bounded = min > 0 || max.is_some();
+        if let Some(f) = m.get("format") {
+            let Some(f) = f.as_str() else {
+                return unsupported("a `format` that is not a string");
+            };
+            if bounded || m.contains_key("pattern") {
+                return unsupported("`format` with `pattern` or lengths");
+            }
+            return match format_pattern(f) {
+                Some(p) => Ok(format!("\"{p}\"")),
+                None => unsupported(format!("`format` {f}")),
+            };
+        }
+        if let Some(p) = m.get("pattern") {
+            let Some(p) = p.as_str() else {
+                return unsupported("a `pattern` that is not a string");
+            };
+            if bounded {
+                return unsupported("`pattern` with lengths");
+            }
+            return Ok(format!("\"{}\"", string_pattern(p)?));
+        }
+        if !bounded {
+            return Ok(format!("\"{CHAR}*\""));
+        }
+        if max.is_some_and(|x| x <= INLINE_COUNT) || (max.is_none() && min <= INLINE_COUNT) {
+            let hi = max.map_or(String::new(), |x| x.to_string());
+            return Ok(format!("\"{CHAR}{{{min},{hi}}}\""));
+        }
+        let key = (min, max);
+        let id = match self.string_rules.get(&key) {
+            Some(&id) => id,
+            None => {
+                let id = self.new_rule()?;
+                self.set_rule(id, CHAR.to_string(), Some((min, max)))?;
+                self.string_rules.insert(key, id);
+                id
+            }
+        };
+        Ok(format!("\"{}\"", marker(id)))
+    }
+
+    /// A repetition of `elem` (a pattern that starts with a separator) `min..=max` times.
+    fn repeat(&mut self, elem: &str, min: u32, max: Option<u32>) -> R<String> {
+        if max == Some(0) {
+            return Ok(String::new());
+        }
+        if max.is_some_and(|x| x <= INLINE_COUNT) || (max.is_none() && min <= INLINE_COUNT) {
+            let hi = max.map_or(String::new(), |x| x.to_string());
+            if min == 0 && max.is_none() {
+                return Ok(format!("(?:{elem})*"));
+            }
+            return Ok(format!("(?:{elem}){{{min},{hi}}}"));
+        }
+        let id = self.new_rule()?;
+        self.set_rule(id, elem.to_string(), Some((min, max)))?;
+        Ok(marker(id))
+    }
+
+    fn array(&mut self, m: &'a Map<String, Value>) -> R<String> {
+        if m.get("uniqueItems").and_then(Value::as_bool) == Some(true) {
+            return unsupported("`uniqueItems`");
+        }
+        let min = count_kw(m, "minItems")?.unwrap_or(0);
+        let max = count_kw(m, "maxItems")?;
+        if max.is_some_and(|x| x < min) {
+            return Err(Fail::Unsatisfiable("`maxItems` < `minItems`".into()));
+        }
+        // Prefix items, and what follows them (`None`: nothing).
+        let (prefix, rest): (&[Value], Option<&Value>) =
+            match (m.get("prefixItems"), m.get("items")) {
+                (Some(Value::Array(p)), items) => (p.as_slice(), items),
+                (Some(_), _) => return unsupported("a `prefixItems` that is not an array"),
+                (None, Some(Value::Array(p))) => (p.as_slice(), m.get("additionalItems")),
+                (None, items) => (&[], items),
+            };
+        let rest = match rest {
+            None | Some(Value::Bool(true)) => Some(self.any()?),
+            Some(Value::Bool(false)) => None,
+            Some(s) => match self.value(s) {
+                Ok(p) => Some(self.maybe_call(p)?),
+                Err(Fail::Unsatisfiable(_)) => None,
+                Err(e) => return Err(e),
+            },
+        };
+        let w = self.w.clone();
+        let k = prefix.len() as u32;
+        let mut items = Vec::new();
+        let mut truncated = false;
+        for (i, p) in prefix.iter().enumerate() {
+            if max.is_some_and(|x| i as u32 >= x) {
+                truncated = true;
+                break;
+            }
+            match self.value(p) {
+                Ok(p) => items.push(self.maybe_call(p)?),
+                Err(Fail::Unsatisfiable(_)) => {
+                    truncated = true;
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let k_ok = items.len() as u32;
+        let tail = if truncated { None } else { rest };
+        if min > k_ok && tail.is_none() {
+            return Err(Fail::Unsatisfiable(
+                "`minItems` is more than the items allowed".into(),
+            ));
+        }
+        let sep_rest = tail.as_ref().map(|r| format!("{w},{w}{r}"));
+        // The members (never empty), and whether there may be none.
+        let (body, nullable) = if k == 0 {
+            match (&tail, &sep_rest) {
+                (Some(r), Some(sep)) if max != Some(0) => {
+                    let more = self.repeat(sep, min.saturating_sub(1), max.map(|x| x - 1))?;
+                    (format!("{r}{more}"), min == 0)
+                }
+                _ => (String::new(), true),
+            }
+        } else if items.is_empty() {
+            (String::new(), true)
+        } else {
+            let mut after = match &sep_rest {
+                Some(sep) => self.repeat(sep, min.saturating_sub(k), max.map(|x| x - k))?,
+                None => String::new(),
+            };
+            for i in (1..items.len()).rev() {
+                let seg = format!("{w},{w}{}{after}", items[i]);
+                after = if (i as u32) < min {
+                    seg
+                } else {
+                    format!("(?:{seg})?")
+                };
+            }
+            (format!("{}{after}", items[0]), min == 0)
+        };
+        Ok(wrap("\\[", "\\]", &body, nullable, &w))
+    }
+
+    fn object(&mut self, m: &'a Map<String, Value>) -> R<String> {
+        let w = self.w.clone();
+        static EMPTY: std::sync::OnceLock<Map<String, Value>> = std::sync::OnceLock::new();
+        let props = match m.get("properties") {
+            None => EMPTY.get_or_init(Map::new),
+            Some(Value::Object(p)) => p,
+            Some(_) => return unsupported("a `properties` that is not an object"),
+        };
+        let mut required: Vec<&str> = Vec::new();
+        if let Some(r) = m.get("required") {
+            let Some(r) = r.as_array() else {
+                return unsupported("a `required` that is not an array");
+            };
+            for x in r {
+                match x.as_str() {
+                    Some(s) if !required.contains(&s) => required.push(s),
+                    Some(_) => {}
+                    None => return unsupported("a `required` entry that is not a string"),
+                }
+            }
+        }
+        let min_props = count_kw(m, "minProperties")?.unwrap_or(0);
+        let max_props = count_kw(m, "maxProperties")?;
+        let additional = match m.get("additionalProperties") {
+            None | Some(Value::Bool(true)) => Some(self.any()?),
+            Some(Value::Bool(false)) => None,
+            Some(s) => match self.value(s) {
+                Ok(p) => Some(self.maybe_call(p)?),
+                Err(Fail::Unsatisfiable(_)) => None,
+                Err(e) => return Err(e),
+            },
+        };
+        // Items in order: (pattern, required).
+        let mut items: Vec<(String, bool)> = Vec::new();
+        let mut names: Vec<&str> = Vec::new();
+        for (name, schema) in props {
+            names.push(name);
+            let req = required.contains(&name.as_str());
+            match self.value(schema) {
+                Ok(p) => {
+                    let p = self.maybe_call(p)?;
+                    items.push((format!("{}{w}:{w}{p}", json_string_literal(name)), req));
+                }
+                Err(Fail::Unsatisfiable(why)) => {
+                    if req {
+                        return Err(Fail::Unsatisfiable(format!(
+                            "required property {name}: {why}"
+                        )));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        for r in &required {
+            if props.contains_key(*r) {
+                continue;
+            }
+            match &additional {
+                Some(a) => {
+                    items.push((format!("{}{w}:{w}{a}", json_string_literal(r)), true));
+                    names.push(r);
+                }
+                None => {
+                    return Err(Fail::Unsatisfiable(format!(
+                        "required property {r} is not allowed"
+                    )))
+                }
+            }
+        }
+        let n_required = items.iter().filter(|x| x.1).count() as u32;
+        if max_props.is_some_and(|x| x < n_required) {
+            return Err(Fail::Unsatisfiable(
+                "`maxProperties` below the required ones".into(),
+            ));
+        }
+        if min_props > n_required {
+            return unsupported("`minProperties` beyond the required properties");
+        }
+        if let Some(x) = max_props {
+            if additional.is_some() || (x as usize) < items.len() {
+                return unsupported("`maxProperties` below the properties allowed");
+            }
+        }
+        let extra = match &additional {
+            Some(a) => Some(format!(
+                "{}{w}:{w}{a}",
+                key_not_in(&names).ok_or_else(|| Fail::Unsupported(
+                    "a property name that needs escapes beside additional properties".into()
+                ))?
+            )),
+            None => None,
+        };
+        let (body, nullable) = object_body(&items, extra.as_deref(), &w);
+        Ok(wrap("\\{", "\\}", &body, nullable, &w))
+    }
+}
+
+/// `open`, the members `body` (a pattern that never matches empty; `""` for none at all),
+/// `close`, with whitespace after `open` and before `close` only around members.
+fn wrap(open: &str, close: &str, body: &str, nullable: bool, w: &str) -> String {
+    if body.is_empty() {
+        format!("{open}{w}{close}")
+    } else if nullable {
+        format!("{open}{w}(?:{body}{w})?{close}")
+    } else {
+        format!("{open}{w}{body}{w}{close}")
+    }
+}
+
+/// The members of an object: `items` in order (each optional unless required) and, when
+/// `extra` is given, any number of further members after them; commas between present ones.
+/// Returns a pattern that writes at least one member (`""` if none may be written) and
+/// whether writing none is allowed.
+fn object_body(items: &[(String, bool)], extra: Option<&str>, w: &str) -> (String, bool) {
+    let sep = format!("{w},{w}");
+    // `afters[i]`: what may follow once something was written, from item i on.
+    let mut afters = vec![String::new(); items.len() + 1];
+    let mut after = match extra {
+        Some(x) => format!("(?:{sep}{x})*"),
+        None => String::new(),
+    };
+    afters[items.len()] = after.clone();
+    for i in (0..items.len()).rev() {
+        let (p, req) = &items[i];
+        after = if *req {
+            format!("{sep}{p}{after}")
+        } else {
+            format!("(?:{sep}{p})?{after}")
+        };
+        afters[i] = after.clone();
+    }
+    // From item i on, nothing written yet: the non-empty ways on, and whether none is allowed.
+    let mut first: Option<String> = extra.map(|x| format!("{x}{}", afters[items.len()]));
+    let mut nullable = true;
+    for i in (0..items.len()).rev() {
+        let (p, req) = &items[i];
+        let here = format!("{p}{}", afters[i + 1]);
+        first = Some(match first {
+            Some(f) if !*req => format!("(?:{here}|{f})"),
+            _ => here,
+        });
+        if *req {
+            nullable = false;
+        }
+    }
+    (first.unwrap_or_default(), nullable)
+}
+
+/// A JSON string literal, as a pattern (serialized like `json.dumps(..., ensure_ascii=False)`).
+fn json_string_literal(s: &str) -> String {
+    regex_syntax::escape(&serde_json::to_string(s).unwrap_or_default())
+}
+
+/// A JSON string (with its quotes) that is none of `names`; `None` if a name needs escapes.
+fn key_not_in(names: &[&str]) -> Option<String> {
+    #[derive(Default)]
+    struct T {
+        end: bool,
+        kids: BTreeMap<char, T>,
+    }
+    let mut root = T::default();
+    for n in names {
+        if n.chars()
+            .any(|c| c == '"' || c == '\\' || (c as u32) < 0x20)
+        {
+            return None;
+        }
+        let mut t = &mut root;
+        for c in n.chars() {
+            t = t.kids.entry(c).or_default();
+        }
+        t.end = true;
+    }
+    fn go(t: &T, out: &mut String) {
+        let mut alts: Vec<String> = Vec::new();
+        if !t.end {
+            alts.push(String::new());
+        }
+        let mut class = String::from(r#"[^"\\\x00-\x1f"#);
+        for c in t.kids.keys() {
+            let _ = write!(class, "\\x{{{:X}}}", *c as u32);
+        }
+        class.push(']');
+        alts.push(format!(
+            r#"(?:{class}|\\["\\/bfnrt]|\\u[0-9a-fA-F]{{4}}){CHAR}*"#
+        ));
+        for (c, k) in &t.kids {
+            let mut sub = regex_syntax::escape(&c.to_string());
+            go(k, &mut sub);
+            alts.push(sub);
+        }
+        out.push_str("(?:");
+        out.push_str(&alts.join("|"));
+        out.push(')');
+    }
+    let mut out = String::from("\"");
+    go(&root, &mut out);
+    out.push('"');
+    Some(out)
+}
+
+fn count_kw(m: &Map<String, Value>, k: &str) -> R<Option<u32>> {
+    match m.get(k) {
+        None => Ok(None),
+        Some(v) => match v.as_u64().or_else(|| {
+            v.as_f64()
+                .filter(|f| f.fract() == 0.0 && *f >= 0.0)
+                .map(|f| f as u64)
+        }) {
+            Some(n) => Ok(Some(n.min(u64::from(u32::MAX / 2)) as u32)),
+            None => unsupported(format!("a `{k}` that is not a non-negative integer")),
+        },
+    }
+}
+
+/// Inclusive integer bounds from `minimum`/`maximum`/`exclusive*` (drafts 4 and 6+).
+fn int_bounds(m: &Map<String, Value>) -> R<(Option<i64>, Option<i64>)> {
+    let num = |k: &str| -> R<Option<f64>> {
+        match m.get(k) {
+            None | Some(Value::Bool(_)) => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| Fail::Unsupported(format!("a `{k}` that is not a number"))),
+        }
+    };
+    let flag = |k: &str| m.get(k).and_then(Value::as_bool).unwrap_or(false);
+    const LIM: f64 = 9.0e15;
+    let mut lo: Option<f64> = None;
+    if let Some(a) = num("minimum")? {
+        lo = Some(if flag("exclusiveMinimum") {
+            a.floor() + 1.0
+        } else {
+            a.ceil()
+        });
+    }
+    if let Some(b) = num("exclusiveMinimum")? {
+        let v = b.floor() + 1.0;
+        lo = Some(lo.map_or(v, |x| x.max(v)));
+    }
+    let mut hi: Option<f64> = None;
+    if let Some(a) = num("maximum")? {
+        hi = Some(if flag("exclusiveMaximum") {
+            a.ceil() - 1.0
+        } else {
+            a.floor()
+        });
+    }
+    if let Some(b) = num("exclusiveMaximum")? {
+        let v = b.ceil() - 1.0;
+        hi = Some(hi.map_or(v, |x| x.min(v)));
+    }
+    let conv = |x: Option<f64>| -> R<Option<i64>> {
+        match x {
+            None => Ok(None),
+            Some(v) if v.abs() <= LIM => Ok(Some(v as i64)),
+            Some(_) => unsupported("an integer bound beyond ±9e15"),
+        }
+    };
+    Ok((conv(lo)?, conv(hi)?))
+}
+
+/// Decimal strings of the integers in `lo..=hi`, as a pattern.
+fn int_range(lo: i64, hi: i64) -> String {
+    let mut alts = Vec::new();
+    if hi < 0 {
+        alts.push(format!(
+            "-{}",
+            nat_range(hi.unsigned_abs(), Some(lo.unsigned_abs()))
+        ));
+    } else if lo < 0 {
+        alts.push(format!("-{}", nat_range(1, Some(lo.unsigned_abs()))));
+        alts.push(nat_range(0, Some(hi as u64)));
+        alts.push("-0".to_string());
+    } else {
+        alts.push(nat_range(lo as u64, Some(hi as u64)));
+        if lo == 0 {
+            alts.push("-0".to_string());
+        }
+    }
+    // An unbounded side: i64::MIN / MAX stand for no bound.
+    if hi == i64::MAX && lo >= 0 {
+        alts = vec![nat_range(lo as u64, None)];
+        if lo == 0 {
+            alts.push("-0".to_string());
+        }
+    } else if hi == i64::MAX {
+        alts = vec![
+            format!("-{}", nat_range(1, Some(lo.unsigned_abs()))),
+            nat_range(0, None),
+            "-0".to_string(),
+        ];
+    } else if lo == i64::MIN && hi >= 0 {
+        alts = vec![
+            format!("-{}", nat_range(1, None)),
+            nat_range(0, Some(hi as u64)),
+            "-0".to_string(),
+        ];
+    } else if lo == i64::MIN {
+        alts = vec![format!("-{}", nat_range(hi.unsigned_abs(), None))];
+    }
+    format!("(?:{})", alts.join("|"))
+}
+
+/// Natural numbers in `lo..=hi` (`None`: unbounded), no leading zeros.
+fn nat_range(lo: u64, hi: Option<u64>) -> String {
+    let digits = |x: u64| x.to_string().len();
+    let mut alts = Vec::new();
+    let top_len = hi.map_or(digits(lo), digits);
+    for len in digits(lo)..=top_len {
+        let a = if len == digits(lo) {
+            lo
+        } else {
+            10u64.pow(len as u32 - 1)
+        };
+        let b = match hi {
+            Some(h) if len == top_len => h,
+            _ => 10u64.saturating_pow(len as u32).saturating_sub(1),
+        };
+        if a <= b {
+            alts.push(same_len(&a.to_string(), &b.to_string()));
+        }
+    }
+    if hi.is_none() {
+        alts.push(format!("[1-9][0-9]{{{},}}", top_len));
+    }
+    format!("(?:{})", alts.join("|"))
+}
+
+/// Decimal strings of equal length between `a` and `b` (inclusive).
+fn same_len(a: &str, b: &str) -> String {
+    let (x, y) = (a.as_bytes(), b.as_bytes());
+    if x.is_empty() {
+        return String::new();
+    }
+    if x.len() == 1 {
+        return if x[0] == y[0] {
+            (x[0] as char).to_string()
+        } else {
+            format!("[{}-{}]", x[0] as char, y[0] as char)
+        };
+    }
+    if x[0] == y[0] {
+        return format!("{}{}", x[0] as char, same_len(&a[1..], &b[1..]));
+    }
+    let n = x.len() - 1;
+    let mut alts = vec![format!(
+        "{}{}",
+        x[0] as char,
+        same_len(&a[1..], &"9".repeat(n))
+    )];
+    if y[0] > x[0] + 1 {
+        alts.push(format!(
+            "[{}-{}][0-9]{{{n}}}",
+            (x[0] + 1) as char,
+            (y[0] - 1) as char
+        ));
+    }
+    alts.push(format!(
+        "{}{}",
+        y[0] as char,
+        same_len(&"0".repeat(n), &b[1..])
+    ));
+    format!("(?:{})", alts.join("|"))
+}
+
+fn format_pattern(f: &str) -> Option<String> {
+    // Days per month; 29 February only in leap years (as `datetime.date.fromisoformat`).
+    const DATE: &str = "(?:[0-9]{4}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)|02-(?:0[1-9]|1[0-9]|2[0-8]))|(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:[02468][048]|[13579][26])00)-02-29)";
+    const TIME: &str =
+        "(?:[01][0-9]|2[0-3]):[0-5][0-9]:(?:[0-5][0-9]|60)(?:\\.[0-9]+)?(?:[Zz]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])";
+    const OCTET: &str = "(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])";
+    Some(match f {
+        "date" => DATE.to_string(),
+        "time" => TIME.to_string(),
+        "date-time" => format!("{DATE}[Tt]{TIME}"),
+        "uuid" => "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+            .to_string(),
+        "ipv4" => format!("{OCTET}(?:\\.{OCTET}){{3}}"),
+        "email" => r#"[a-zA-Z0-9.!#$%&'*+/=?^_`{|}~-]+@[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)*"#.to_string(),
+        _ => return None,
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8(out).unwrap_or_else(|_| s.to_string())
+}
+
+// ---- `pattern`: an ECMA-style regex over the string's characters → a pattern over its JSON
+// text (escapes included), anchored as JSON Schema says (a pattern matches anywhere unless
+// anchored with `^`/`$`).
+
+fn string_pattern(p: &str) -> R<String> {
+    let hir = regex_syntax::ParserBuilder::new()
+        .nest_limit(100)
+        .build()
+        .parse(p)
+        .map_err(|e| Fail::Unsupported(format!("`pattern` {p:?}: {e}")))?;
+    let out = anchored(&hir)?;
+    Ok(out.to_string())
+}
+
+fn any_chars() -> R<Hir> {
+    Ok(Hir::repetition(hir::Repetition {
+        min: 0,
+        max: None,
+        greedy: true,
+        sub: Box::new(json_char_hir(&ClassUnicode::new([ClassUnicodeRange::new(
+            '\0',
+            char::MAX,
+        )]))),
+    }))
+}
+
+fn anchored(h: &Hir) -> R<Hir> {
+    match h.kind() {
+        HirKind::Alternation(v) => Ok(Hir::alternation(
+            v.iter().map(anchored).collect::<R<Vec<_>>>()?,
+        )),
+        HirKind::Capture(c) => anchored(&c.sub),
+        HirKind::Look(Look::Start | Look::End) => any_chars(),
+        HirKind::Concat(v) => {
+            let mut v: &[Hir] = v;
+            let start = matches!(v.first().map(Hir::kind), Some(HirKind::Look(Look::Start)));
+            if start {
+                v = &v[1..];
+            }
+            let end = matches!(v.last().map(Hir::kind), Some(HirKind::Look(Look::End)));
+            if end {
+                v = &v[..v.len() - 1];
+            }
+            let mut parts = Vec::new();
+            if !start {
+                parts.push(any_chars()?);
+            }
+            for x in v {
+                parts.push(transform(x)?);
+            }
+            if !end {
+                parts.push(any_chars()?);
+            }
+            Ok(Hir::concat(parts))
+        }
+        _ => Ok(Hir::concat(vec![any_chars()?, transform(h)?, any_chars()?])),
+    }
+}
+
+/// The JSON text of one character of `class`: plain characters as they are, the others as
+/// their escapes.
+fn json_char_hir(class: &ClassUnicode) -> Hir {
+    let mut plain = class.clone();
+    plain.intersect(&ClassUnicode::new([
+        ClassUnicodeRange::new('\u{20}', '\u{21}'),
+        ClassUnicodeRange::new('\u{23}', '\u{5b}'),
+        ClassUnicodeRange::new('\u{5d}', char::MAX),
+    ]));
+    let mut alts = vec![Hir::class(Class::Unicode(plain))];
+    let has = |c: char| {
+        class
+            .ranges()
+            .iter()
+            .any(|r| r.start() <= c && c <= r.end())
+    };
+    for c in ['"', '\\', '/'] {
+        if has(c) {
+            alts.push(Hir::literal(format!("\\{c}").into_bytes()));
+        }
+    }
+    for code in 0u32..0x20 {
+        let c = char::from_u32(code).unwrap_or('\0');
+        if !has(c) {
+            continue;
+        }
+        if let Some(short) = match c {
+            '\u{8}' => Some('b'),
+            '\u{c}' => Some('f'),
+            '\n' => Some('n'),
+            '\r' => Some('r'),
+            '\t' => Some('t'),
+            _ => None,
+        } {
+            alts.push(Hir::literal(format!("\\{short}").into_bytes()));
+        }
+    }
+    // `\uXXXX` for any character of the class in the Basic Multilingual Plane is allowed by
+    // JSON; we accept it for the characters that must be escaped (controls), as serializers
+    // write them.
+    let mut ctrl = class.clone();
+    ctrl.intersect(&ClassUnicode::new([ClassUnicodeRange::new('\0', '\u{1f}')]));
+    for r in ctrl.ranges() {
+        for code in r.start() as u32..=r.end() as u32 {
+            alts.push(
+                regex_syntax::Parser::new()
+                    .parse(&format!("\\\\u00{}{}", code >> 4, hex_nibble(code & 15)))
+                    .unwrap_or_else(|_| Hir::fail()),
+            );
+        }
+    }
+    Hir::alternation(alts)
+}
+
+fn hex_nibble(n: u32) -> String {
+    let c = char::from_digit(n, 16).unwrap_or('0');
+    if c.is_ascii_digit() {
+        c.to_string()
+    } else {
+        format!("[{}{}]", c, c.to_ascii_uppercase())
+    }
+}
+
+/// `h` in a group (a capture: the pattern is printed and parsed again, so its index is moot).
+fn group(h: Hir) -> Hir {
+    Hir::capture(hir::Capture {
+        index: 1,
+        name: None,
+        sub: Box::new(h),
+    })
+}
+
+fn transform(h: &Hir) -> R<Hir> {
+    Ok(match h.kind() {
+        HirKind::Empty => Hir::empty(),
+        HirKind::Literal(hir::Literal(bytes)) => {
+            let s = std::str::from_utf8(bytes)
+                .map_err(|_| Fail::Unsupported("a `pattern` literal that is not UTF-8".into()))?;
+            Hir::concat(
+                s.chars()
+                    .map(|c| json_char_hir(&ClassUnicode::new([ClassUnicodeRange::new(c, c)])))
+                    .collect(),
+            )
+        }
+        HirKind::Class(Class::Unicode(c)) => json_char_hir(c),
+        HirKind::Class(Class::Bytes(_)) => return unsupported("a byte class in `pattern`"),
+        HirKind::Look(_) => return unsupported("an anchor or boundary inside `pattern`"),
+        HirKind::Repetition(r) => {
+            let mut sub = transform(&r.sub)?;
+            if matches!(sub.kind(), HirKind::Repetition(_)) {
+                // The printer writes `x+` then `?` as `x+?` (lazy): group it.
+                sub = group(sub);
+            }
+            Hir::repetition(hir::Repetition {
+                min: r.min,
+                max: r.max,
+                greedy: r.greedy,
+                sub: Box::new(sub),
+            })
+        }
+        HirKind::Capture(c) => group(transform(&c.sub)?),
+        HirKind::Concat(v) => Hir::concat(v.iter().map(transform).collect::<R<Vec<_>>>()?),
+        HirKind::Alternation(v) => {
+            Hir::alternation(v.iter().map(transform).collect::<R<Vec<_>>>()?)
+        }
+    })
+}

@@ -1,0 +1,495 @@
+//! The JSON Schema engine's automaton: a recursive transition network (RTN) of byte DFAs.
+//!
+//! A *rule* is a byte DFA (our [`DfaGuide`] tables) whose pattern may contain *call markers*:
+//! the byte `0xFF` (never part of UTF-8 text) followed by two bytes naming another rule. Taking
+//! a marker edge from state `s` means "match the callee, then go on from the state after the
+//! marker" (the *return state*). Regular parts of a schema (strings, numbers, literals, the
+//! shape of an object with its keys, small bounded repetitions) are inlined into one rule's
+//! DFA; recursion (`$ref` cycles, any-JSON values) and large sub-schemas are calls.
+//!
+//! A *counted* rule matches its body DFA between `min` and `max` times without unrolling it:
+//! its state is `(n, s)`, `n` the elements completed so far, encoded as `n * table_len + s`.
+//! Masks are cached by a normalized key in which every counter is replaced by its distances to
+//! `min` and `max`, clamped at the longest token plus one: a token of at most `L` bytes changes
+//! a counter by at most `L` (every element is at least one byte), so states whose clamped
+//! distances agree allow the same tokens. `maxLength: 5000` costs one DFA of one character and
+//! a handful of cached masks.
+//!
+//! A matcher state is a small set of stacks (the language is not LL(1) in general: `anyOf`
+//! branches are tried in parallel). Each stack is a list of frames, bottom first; the top frame
+//! holds the current state of its rule, the frames below hold their rules' return states.
+//!
+//! The mask of a state is one walk of the vocabulary's token trie in which every trie node
+//! carries the set of stacks reached by its bytes (a persistent arena of frames, so pushes and
+//! pops cost one entry); an empty set skips the node's subtree. Masks are cached on the guide by
+//! the normalized key of the state, shared by every sequence.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::super::dfa::DfaGuide;
+use super::super::error::{GuideError, Result};
+use super::super::vocab::VocabCore;
+use super::super::StateId;
+
+/// The first byte of a call marker (`0xFF` never occurs in UTF-8 text).
+pub(crate) const MARKER: u8 = 0xFF;
+const NONE: u32 = u32::MAX;
+/// Most stacks a state may hold (ambiguity between `anyOf` branches); past it, the step fails.
+const MAX_STACKS: usize = 256;
+/// Most pushes and pops one byte may take before it is consumed (guards against
+/// left-recursive rule cycles, which JSON Schema cannot write but a malformed table could).
+const MAX_EPSILON: u32 = 256;
+
+/// A frame of a stack: a rule and a state of it.
+pub(crate) type Frame = (u32, u32);
+
+/// One rule of the network.
+pub(crate) struct Rule {
+    dfa: DfaGuide,
+    /// By DFA state index: the calls (callee, return state) leaving that state.
+    calls: Vec<Box<[(u32, StateId)]>>,
+    /// `Some((min, max))` for a counted rule (`max = None`: unbounded).
+    count: Option<(u32, Option<u32>)>,
+    /// `dfa.table_len()`: the multiplier of the element counter in a counted rule's state.
+    space: u32,
+}
+
+impl Rule {
+    /// Builds a rule from its DFA. `callees` are the rules its pattern calls.
+    pub(crate) fn new(
+        dfa: DfaGuide,
+        callees: &[u32],
+        count: Option<(u32, Option<u32>)>,
+    ) -> Result<Rule> {
+        let mut calls: Vec<Box<[(u32, StateId)]>> = Vec::new();
+        calls.resize_with(dfa.num_states() + 1, Default::default);
+        for s in dfa.states() {
+            if dfa.step(s, MARKER) == 0 {
+                continue;
+            }
+            let mut out = Vec::new();
+            for &c in callees {
+                if let Some(ret) = dfa.walk(s, &marker_bytes(c)) {
+                    out.push((c, ret));
+                }
+            }
+            calls[dfa.index(s)] = out.into_boxed_slice();
+        }
+        let space = dfa.table_len() as u32;
+        if let Some((min, max)) = count {
+            let start = dfa.start();
+            if dfa.is_accepting(start) {
+                return Err(GuideError::Invalid(
+                    "a counted rule's element must not be empty".into(),
+                ));
+            }
+            let reenters = dfa
+                .states()
+                .any(|s| (0..=255u8).any(|b| dfa.step(s, b) == start));
+            if reenters {
+                return Err(GuideError::Invalid(
+                    "a counted rule's element must not return to its start".into(),
+                ));
+            }
+            let top = u64::from(max.unwrap_or(min)) + 1;
+            if top * u64::from(space) >= u64::from(NONE) {
+                return Err(GuideError::TooLarge(format!(
+                    "a repetition of up to {top} elements is over the counter's range"
+                )));
+            }
+        }
+        Ok(Rule {
+            dfa,
+            calls,
+            count,
+            space,
+        })
+    }
+
+    #[inline(always)]
+    fn split(&self, st: u32) -> (u32, StateId) {
+        if self.count.is_some() {
+            (st / self.space, st % self.space)
+        } else {
+            (0, st)
+        }
+    }
+
+    #[inline(always)]
+    fn join(&self, n: u32, s: StateId) -> u32 {
+        n * self.space + s
+    }
+
+    fn start(&self) -> u32 {
+        self.dfa.start()
+    }
+
+    /// The rule may end in state `st`.
+    #[inline]
+    fn accepting(&self, st: u32) -> bool {
+        match self.count {
+            None => self.dfa.is_accepting(st),
+            Some((min, _)) => {
+                let (n, s) = self.split(st);
+                if s == self.dfa.start() {
+                    n >= min
+                } else {
+                    self.dfa.is_accepting(s) && n + 1 >= min
+                }
+            }
+        }
+    }
+
+    /// Some byte or call leads on from `st` within this rule.
+    fn can_continue(&self, st: u32) -> bool {
+        match self.count {
+            None => self.dfa.can_continue(st),
+            Some(_) => {
+                let mut any = false;
+                self.positions(st, |p| any |= self.dfa.can_continue(self.split(p).1));
+                any
+            }
+        }
+    }
+
+    /// The states `st` stands for before its next byte: itself and, in a counted rule whose
+    /// element just completed, the start of the next element.
+    #[inline(always)]
+    fn positions(&self, st: u32, mut f: impl FnMut(u32)) {
+        f(st);
+        if let Some((min, max)) = self.count {
+            let (n, s) = self.split(st);
+            if s != self.dfa.start() && self.dfa.is_accepting(s) && max.is_none_or(|m| n + 1 < m) {
+                let n1 = if max.is_none() {
+                    (n + 1).min(min)
+                } else {
+                    n + 1
+                };
+                f(self.join(n1, self.dfa.start()));
+            }
+        }
+    }
+
+    /// Normalized key of a state (see the module docs).
+    fn key(&self, st: u32, clamp: u32, out: &mut Vec<u32>) {
+        match self.count {
+            None => out.push(st),
+            Some((min, max)) => {
+                let (n, s) = self.split(st);
+                out.push(s);
+                out.push(min.saturating_sub(n).min(clamp));
+                out.push(max.map_or(clamp, |m| (m - n).min(clamp)));
+            }
+        }
+    }
+}
+
+/// The bytes of the call marker of rule `id`.
+pub(crate) fn marker_bytes(id: u32) -> [u8; 3] {
+    [MARKER, (id >> 8) as u8, id as u8]
+}
+
+#[derive(Clone, Copy)]
+struct Node {
+    rule: u32,
+    state: u32,
+    parent: u32,
+}
+
+/// Masks by normalized state key.
+type MaskCache = HashMap<Box<[u32]>, Arc<[u32]>>;
+
+/// The network, with its mask cache.
+pub(crate) struct Rtn {
+    rules: Vec<Rule>,
+    root: u32,
+    /// Counter distances are clamped here: the longest token, plus one.
+    clamp: u32,
+    cache: Mutex<MaskCache>,
+    cached_bytes: AtomicUsize,
+    cache_limit: usize,
+}
+
+/// A matcher position: a sorted set of stacks, bottom frame first.
+pub(crate) type Stacks = Vec<Vec<Frame>>;
+
+impl Rtn {
+    pub(crate) fn new(rules: Vec<Rule>, root: u32, max_token_len: usize) -> Rtn {
+        Rtn {
+            rules,
+            root,
+            clamp: max_token_len as u32 + 1,
+            cache: Mutex::new(HashMap::new()),
+            cached_bytes: AtomicUsize::new(0),
+            cache_limit: 512 << 20,
+        }
+    }
+
+    /// Number of cached masks (for tests).
+    #[cfg(test)]
+    pub(crate) fn cached_masks(&self) -> usize {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// The start position.
+    pub(crate) fn start(&self) -> Stacks {
+        vec![vec![(self.root, self.rules[self.root as usize].start())]]
+    }
+
+    /// Whether the text so far is a complete match.
+    pub(crate) fn is_accepting(&self, stacks: &Stacks) -> bool {
+        stacks
+            .iter()
+            .any(|st| st.iter().all(|&(r, s)| self.rules[r as usize].accepting(s)))
+    }
+
+    /// Whether some byte may follow.
+    pub(crate) fn can_continue(&self, stacks: &Stacks) -> bool {
+        stacks.iter().any(|st| {
+            // The top frame continues, or it may end and the frame below continues, ...
+            for &(r, s) in st.iter().rev() {
+                let rule = &self.rules[r as usize];
+                if rule.can_continue(s) {
+                    return true;
+                }
+                if !rule.accepting(s) {
+                    return false;
+                }
+            }
+            false
+        })
+    }
+
+    /// The position after `bytes`, or `None` if they lead nowhere.
+    pub(crate) fn advance(&self, stacks: &Stacks, bytes: &[u8]) -> Result<Option<Stacks>> {
+        let mut w = Walker::new(self);
+        let mut cur: Vec<u32> = stacks.iter().map(|s| w.load(s)).collect();
+        let mut next = Vec::new();
+        for &b in bytes {
+            next.clear();
+            for &top in &cur {
+                w.step(top, b, &mut next, MAX_EPSILON);
+            }
+            w.dedup(&mut next, 0);
+            w.check()?;
+            if next.is_empty() {
+                return Ok(None);
+            }
+            std::mem::swap(&mut cur, &mut next);
+        }
+        let mut out: Stacks = cur.iter().map(|&t| w.materialize(t)).collect();
+        out.sort_unstable();
+        out.dedup();
+        Ok(Some(out))
+    }
+
+    fn cache_key(&self, stacks: &Stacks) -> Box<[u32]> {
+        let mut key = Vec::with_capacity(stacks.iter().map(|s| s.len() * 2 + 1).sum());
+        for st in stacks {
+            for &(r, s) in st {
+                key.push(r);
+                self.rules[r as usize].key(s, self.clamp, &mut key);
+            }
+            key.push(NONE);
+        }
+        key.into_boxed_slice()
+    }
+
+    /// Writes the mask of `stacks` into `out` (exactly `vocab.mask_words()` long).
+    pub(crate) fn fill_mask(
+        &self,
+        vocab: &VocabCore,
+        stacks: &Stacks,
+        out: &mut [u32],
+    ) -> Result<()> {
+        let key = self.cache_key(stacks);
+        {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(m) = cache.get(&key) {
+                out.copy_from_slice(m);
+                return Ok(());
+            }
+        }
+        self.compute_mask(vocab, stacks, out)?;
+        let bytes = out.len() * 4 + key.len() * 4;
+        if self.cached_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes <= self.cache_limit {
+            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            cache.insert(key, Arc::from(&*out));
+        } else {
+            self.cached_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// One walk of the token trie carrying the set of stacks per trie depth.
+    fn compute_mask(&self, vocab: &VocabCore, stacks: &Stacks, out: &mut [u32]) -> Result<()> {
+        out.fill(0);
+        let trie = vocab.trie();
+        let nodes = trie.nodes();
+        let depth = trie.max_depth() + 2;
+        let mut w = Walker::new(self);
+        let mut sets: Vec<u32> = stacks.iter().map(|s| w.load(s)).collect();
+        // The set of depth `d` is `sets[level[d]..level[d + 1]]`; the arena entries made for
+        // depth `d` start at `mark[d]`.
+        let mut level = vec![0usize; depth + 1];
+        let mut mark = vec![0usize; depth + 1];
+        level[1] = sets.len();
+        mark[1] = w.arena.len();
+        let mut i = 1;
+        while i < nodes.len() {
+            let n = &nodes[i];
+            let d = n.depth as usize;
+            sets.truncate(level[d]);
+            w.arena.truncate(mark[d]);
+            for k in level[d - 1]..level[d] {
+                let top = sets[k];
+                w.step(top, n.byte, &mut sets, MAX_EPSILON);
+            }
+            w.dedup(&mut sets, level[d]);
+            if sets.len() == level[d] {
+                i = n.subtree_end as usize;
+                continue;
+            }
+            level[d + 1] = sets.len();
+            mark[d + 1] = w.arena.len();
+            for &t in trie.tokens_of(n) {
+                out[(t / 32) as usize] |= 1 << (t % 32);
+            }
+            i += 1;
+        }
+        w.check()?;
+        if self.is_accepting(stacks) {
+            for (o, e) in out.iter_mut().zip(vocab.eos_mask()) {
+                *o |= e;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Steps sets of stacks held in an arena of frames (each stack is its top frame's index).
+struct Walker<'a> {
+    rtn: &'a Rtn,
+    arena: Vec<Node>,
+    overflow: bool,
+}
+
+impl<'a> Walker<'a> {
+    fn new(rtn: &'a Rtn) -> Self {
+        Walker {
+            rtn,
+            arena: Vec::with_capacity(1024),
+            overflow: false,
+        }
+    }
+
+    fn push(&mut self, rule: u32, state: u32, parent: u32) -> u32 {
+        self.arena.push(Node {
+            rule,
+            state,
+            parent,
+        });
+        (self.arena.len() - 1) as u32
+    }
+
+    fn load(&mut self, stack: &[Frame]) -> u32 {
+        let mut parent = NONE;
+        for &(r, s) in stack {
+            parent = self.push(r, s, parent);
+        }
+        parent
+    }
+
+    fn materialize(&self, mut top: u32) -> Vec<Frame> {
+        let mut out = Vec::new();
+        while top != NONE {
+            let n = self.arena[top as usize];
+            out.push((n.rule, n.state));
+            top = n.parent;
+        }
+        out.reverse();
+        out
+    }
+
+    /// Appends to `out` the stacks reached from `top` by consuming `b`.
+    fn step(&mut self, top: u32, b: u8, out: &mut Vec<u32>, budget: u32) {
+        if budget == 0 {
+            self.overflow = true;
+            return;
+        }
+        let Node {
+            rule,
+            state,
+            parent,
+        } = self.arena[top as usize];
+        let rtn = self.rtn;
+        let r = &rtn.rules[rule as usize];
+        if b != MARKER {
+            r.positions(state, |p| {
+                let (n, s) = r.split(p);
+                let t = r.dfa.step(s, b);
+                if t != 0 {
+                    let id = self.push(rule, r.join(n, t), parent);
+                    out.push(id);
+                }
+                let calls = &r.calls[r.dfa.index(s)];
+                for &(c, ret) in calls.iter() {
+                    let p = self.push(rule, r.join(n, ret), parent);
+                    let child = self.push(c, rtn.rules[c as usize].start(), p);
+                    self.step(child, b, out, budget - 1);
+                }
+            });
+        }
+        if parent != NONE && r.accepting(state) {
+            self.step(parent, b, out, budget - 1);
+        }
+    }
+
+    fn same(&self, mut a: u32, mut b: u32) -> bool {
+        loop {
+            if a == b {
+                return true;
+            }
+            if a == NONE || b == NONE {
+                return false;
+            }
+            let (x, y) = (self.arena[a as usize], self.arena[b as usize]);
+            if x.rule != y.rule || x.state != y.state {
+                return false;
+            }
+            a = x.parent;
+            b = y.parent;
+        }
+    }
+
+    /// Removes duplicate stacks from `set[from..]`.
+    fn dedup(&mut self, set: &mut Vec<u32>, from: usize) {
+        if set.len() - from < 2 {
+            return;
+        }
+        let mut k = from;
+        for i in from..set.len() {
+            let x = set[i];
+            if !(from..k).any(|j| self.same(set[j], x)) {
+                set[k] = x;
+                k += 1;
+            }
+        }
+        set.truncate(k);
+        if k - from > MAX_STACKS {
+            self.overflow = true;
+            set.truncate(from + MAX_STACKS);
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.overflow {
+            return Err(GuideError::TooLarge(
+                "the JSON Schema is too ambiguous at this point (too many parallel parses)".into(),
+            ));
+        }
+        Ok(())
+    }
+}

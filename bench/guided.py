@@ -83,8 +83,15 @@ class Tokenwire(Adapter):
 
         self.rs = sampler_rs
         self.vocab = sampler_rs.Vocabulary(spec.token_bytes, [spec.eos], spec.special)
-        # Warm the llguidance fallback's tokenizer environment (built once per vocabulary).
-        sampler_rs.Guide.json_schema(self.vocab, '{"type":"boolean"}')
+        # Warm what a serving process builds once and keeps (the peers' equivalents are built
+        # before forking too): the llguidance fallback's tokenizer environment, and our
+        # process-wide rule cache with the shared rules' context-free masks (any-JSON, plain
+        # strings), by one compile and walk of `{"type": "object"}`.
+        sampler_rs.Guide.json_schema(self.vocab, '{"type": "object", "minProperties": 1}')
+        warm = sampler_rs.GuideState(self.compile({"type": "object"}))
+        for t in spec.encode(gr.serialise({"a": "b", "c": [1, {"d": None}]})):
+            warm.fill_mask(self.mask)
+            warm.advance(t)
 
     def compile(self, schema: Any) -> Any:
         return self.rs.Guide.json_schema(self.vocab, json.dumps(schema), whitespace_pattern=gr.WHITESPACE)

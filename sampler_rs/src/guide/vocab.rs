@@ -25,11 +25,18 @@ pub(crate) struct VocabCore {
     trie: TokenTrie,
     /// The llguidance tokenizer environment and parser factory, built on first use.
     llg: OnceLock<std::result::Result<Arc<llguidance::ParserFactory>, String>>,
+    /// Unique per vocabulary of the process (a key for per-vocabulary caches on shared rules).
+    id: u64,
 }
 
 impl VocabCore {
     pub(crate) fn len(&self) -> usize {
         self.offsets.len() - 1
+    }
+
+    /// Unique per vocabulary of the process.
+    pub(crate) fn id(&self) -> u64 {
+        self.id
     }
 
     pub(crate) fn mask_words(&self) -> usize {
@@ -171,6 +178,11 @@ impl Vocabulary {
                 special_mask,
                 trie,
                 llg: OnceLock::new(),
+                id: {
+                    static NEXT: std::sync::atomic::AtomicU64 =
+                        std::sync::atomic::AtomicU64::new(0);
+                    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                },
             }),
             cache: Arc::default(),
         })

@@ -38,6 +38,11 @@ const MAX_PATTERN_BYTES: usize = 8 << 20;
 /// Deepest nesting of sub-schemas the emitter follows.
 const MAX_DEPTH: u32 = 200;
 
+/// The id of the any-JSON rule.
+const ANY_RULE: u32 = 1;
+/// The id of the rule of a JSON string without constraints (quotes included).
+const STRING_RULE: u32 = 2;
+
 /// Why the emitter did not produce rules.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Fail {
@@ -58,6 +63,8 @@ pub(crate) struct RuleSrc {
     pub callees: Vec<u32>,
     /// A counted rule: the pattern is one element, repeated `min..=max` times.
     pub count: Option<(u32, Option<u32>)>,
+    /// The bytes that may follow the rule where it is called (`None`: any).
+    pub follow: Option<Vec<u8>>,
 }
 
 /// Keywords of JSON Schema's validation vocabularies (all drafts) that this compiler does not
@@ -158,6 +165,8 @@ struct Emitter<'a> {
     expanding: Vec<String>,
     any_rule: Option<u32>,
     string_rules: HashMap<(u32, Option<u32>), u32>,
+    /// The bytes whitespace may start with (`Some(empty)` without whitespace; `None`: unknown).
+    w_first: Option<Vec<u8>>,
     pattern_bytes: usize,
     depth: u32,
 }
@@ -172,20 +181,33 @@ pub(crate) fn emit(schema: &Value, whitespace: Option<&str>) -> R<Vec<RuleSrc>> 
     let mut e = Emitter {
         root: schema,
         w: whitespace.map_or(String::new(), |w| format!("(?:{w})?")),
-        rules: vec![None],
+        rules: vec![None, None, None],
         ref_rules: HashMap::new(),
         expanding: Vec::new(),
         any_rule: None,
         string_rules: HashMap::new(),
+        w_first: whitespace.map_or(Some(Vec::new()), first_bytes),
         pattern_bytes: 0,
         depth: 0,
     };
     let body = e.value(schema)?;
     e.set_rule(0, body, None)?;
+    // Rule 1 is always any-JSON (its pattern names itself, so it is the same text, compiled
+    // once per process, for every schema).
+    e.any()?;
+    e.plain_string()?;
     e.rules
         .into_iter()
         .map(|r| r.ok_or_else(|| Fail::Unsupported("an unfinished rule".into())))
         .collect()
+}
+
+/// The bytes a match of `pattern` may start with (`None` if it does not compile).
+fn first_bytes(pattern: &str) -> Option<Vec<u8>> {
+    let d =
+        super::super::dfa::DfaGuide::build(pattern, &super::super::dfa::DfaLimits::default(), true)
+            .ok()?;
+    Some((0..=255u8).filter(|&b| d.step(d.start(), b) != 0).collect())
 }
 
 fn has_key(v: &Value, key: &str) -> bool {
@@ -242,6 +264,16 @@ impl<'a> Emitter<'a> {
     }
 
     fn set_rule(&mut self, id: u32, pattern: String, count: Option<(u32, Option<u32>)>) -> R<()> {
+        self.set_rule_follow(id, pattern, count, None)
+    }
+
+    fn set_rule_follow(
+        &mut self,
+        id: u32,
+        pattern: String,
+        count: Option<(u32, Option<u32>)>,
+        follow: Option<Vec<u8>>,
+    ) -> R<()> {
         self.pattern_bytes += pattern.len();
         if self.pattern_bytes > MAX_PATTERN_BYTES {
             return Err(Fail::TooLarge(format!(
@@ -253,6 +285,7 @@ impl<'a> Emitter<'a> {
             pattern,
             callees,
             count,
+            follow,
         });
         Ok(())
     }
@@ -271,16 +304,25 @@ impl<'a> Emitter<'a> {
         &self.w
     }
 
+    /// A JSON string without constraints: a call to a rule of its own, the same for every
+    /// schema, so its masks' context-free parts are shared by all of them.
+    fn plain_string(&mut self) -> R<String> {
+        if self.rules[STRING_RULE as usize].is_none() {
+            self.set_rule(STRING_RULE, format!("\"{CHAR}*\""), None)?;
+        }
+        Ok(marker(STRING_RULE))
+    }
+
     /// Any JSON value.
     fn any(&mut self) -> R<String> {
         if let Some(id) = self.any_rule {
             return Ok(marker(id));
         }
-        let id = self.new_rule()?;
+        let id = ANY_RULE;
         self.any_rule = Some(id);
         let w = self.w.clone();
         let call = marker(id);
-        let string = format!("\"{CHAR}*\"");
+        let string = self.plain_string()?;
         let body = format!(
             "(?:null|true|false|{NUMBER}|{string}|\\[{w}(?:{call}(?:{w},{w}{call})*{w})?\\]|\\{{{w}(?:{string}{w}:{w}{call}(?:{w},{w}{string}{w}:{w}{call})*{w})?\\}})"
         );
@@ -662,7 +704,7 @@ impl<'a> Emitter<'a> {
             return Ok(format!("\"{}\"", string_pattern(p)?));
         }
         if !bounded {
-            return Ok(format!("\"{CHAR}*\""));
+            return self.plain_string();
         }
         if max.is_some_and(|x| x <= INLINE_COUNT) || (max.is_none() && min <= INLINE_COUNT) {
             let hi = max.map_or(String::new(), |x| x.to_string());
@@ -673,7 +715,8 @@ impl<'a> Emitter<'a> {
             Some(&id) => id,
             None => {
                 let id = self.new_rule()?;
-                self.set_rule(id, CHAR.to_string(), Some((min, max)))?;
+                // Always followed by the closing quote.
+                self.set_rule_follow(id, CHAR.to_string(), Some((min, max)), Some(vec![b'"']))?;
                 self.string_rules.insert(key, id);
                 id
             }
@@ -694,7 +737,12 @@ impl<'a> Emitter<'a> {
             return Ok(format!("(?:{elem}){{{min},{hi}}}"));
         }
         let id = self.new_rule()?;
-        self.set_rule(id, elem.to_string(), Some((min, max)))?;
+        // Followed by whitespace or the closing bracket.
+        let follow = self.w_first.clone().map(|mut f| {
+            f.push(b']');
+            f
+        });
+        self.set_rule_follow(id, elem.to_string(), Some((min, max)), follow)?;
         Ok(marker(id))
     }
 

@@ -54,7 +54,45 @@ pub(crate) struct Rule {
     count: Option<(u32, Option<u32>)>,
     /// `dfa.table_len()`: the multiplier of the element counter in a counted rule's state.
     space: u32,
+    /// The bytes that may follow the rule where it is called (a bit set); a pop is only
+    /// followed on these.
+    follow: [u64; 4],
+    /// By (vocabulary id, normalized state): the context-free part of its mask ([`Inner`]).
+    inner: Arc<InnerCache>,
 }
+
+/// [`Inner`] entries by (vocabulary id, normalized state). Rules with the same pattern and
+/// follow set share one (a counted rule's normalized states do not depend on its bounds past
+/// the clamp: every `maxLength` string shares the masks of its first characters).
+pub(crate) type InnerCache = Mutex<HashMap<(u64, u32, u32, u32), Arc<Inner>>>;
+
+/// What a state of a rule allows whatever the stack below it, and where the stack matters.
+/// `mask`: the tokens whose bytes the rule consumes by itself (no pop, no call). `frontier`:
+/// the trie nodes after which a walk may pop or call instead, where the general walk takes
+/// over for the node's descendants (node 0: before any byte). Computed once per (rule,
+/// normalized state, vocabulary) and shared by every schema using the rule.
+pub(crate) struct Inner {
+    mask: Box<[u32]>,
+    frontier: Vec<Front>,
+}
+
+/// A frontier entry (see [`Inner`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Front {
+    /// The rule may end just before this node (its byte is in the rule's follow set): the
+    /// parent's frame continues with the node's byte and its descendants.
+    Pop(u32),
+    /// Calls leave the rule after this node, from the state `(n + dn, s)` (`dn` relative to
+    /// the count of the state the entry was computed for; 0 in a non-counted rule).
+    Call(u32, u32, StateId),
+}
+
+/// Most in-rule states one trie depth may carry in [`Rule::inner`]; past it the general walk
+/// is used.
+const INNER_WIDTH: usize = 8;
+
+/// Most [`Inner`] entries one rule keeps (per process).
+const INNER_ENTRIES: usize = 4096;
 
 impl Rule {
     /// Builds a rule from its DFA. `callees` are the rules its pattern calls.
@@ -62,7 +100,16 @@ impl Rule {
         dfa: DfaGuide,
         callees: &[u32],
         count: Option<(u32, Option<u32>)>,
+        follow: Option<&[u8]>,
+        inner: Arc<InnerCache>,
     ) -> Result<Rule> {
+        let mut fset = [u64::MAX; 4];
+        if let Some(f) = follow {
+            fset = [0; 4];
+            for &b in f {
+                fset[(b >> 6) as usize] |= 1 << (b & 63);
+            }
+        }
         let mut calls: Vec<Box<[(u32, StateId)]>> = Vec::new();
         calls.resize_with(dfa.num_states() + 1, Default::default);
         for s in dfa.states() {
@@ -105,7 +152,169 @@ impl Rule {
             calls,
             count,
             space,
+            follow: fset,
+            inner,
         })
+    }
+
+    /// Normalizes a counter after `n` elements (unbounded repetitions forget counts past
+    /// `min`).
+    #[inline(always)]
+    fn clamp_n(&self, n: u32) -> u32 {
+        match self.count {
+            Some((min, None)) => n.min(min),
+            _ => n,
+        }
+    }
+
+    /// Records the calls that may leave the rule from in-rule state `st` after trie node
+    /// `node`.
+    fn boundary(&self, st: u32, n0: u32, node: u32, out: &mut Vec<Front>) {
+        self.positions(st, |p| {
+            let (n, s) = self.split(p);
+            if !self.calls[self.dfa.index(s)].is_empty() {
+                out.push(Front::Call(node, n.saturating_sub(n0), s));
+            }
+        });
+    }
+
+    /// The context-free part of the mask of state `st` (see [`Inner`]); `None` when the rule is
+    /// too ambiguous there for the in-rule walk.
+    fn inner(&self, vocab: &VocabCore, st: u32, clamp: u32) -> Option<Arc<Inner>> {
+        let mut k = Vec::with_capacity(3);
+        self.key(st, clamp, &mut k);
+        k.resize(3, 0);
+        let key = (vocab.id(), k[0], k[1], k[2]);
+        if let Some(x) = self
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return Some(x.clone());
+        }
+        let x = Arc::new(if self.count.is_none() {
+            self.inner_dfa(vocab, st)
+        } else {
+            self.inner_counted(vocab, st)?
+        });
+        let mut c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if c.len() < INNER_ENTRIES {
+            c.insert(key, x.clone());
+        }
+        Some(x)
+    }
+
+    /// [`Rule::inner`] of a non-counted rule: one state per trie depth.
+    fn inner_dfa(&self, vocab: &VocabCore, st: StateId) -> Inner {
+        let trie = vocab.trie();
+        let nodes = trie.nodes();
+        let mut mask = vec![0u32; vocab.mask_words()].into_boxed_slice();
+        let mut frontier = Vec::new();
+        self.boundary(st, 0, 0, &mut frontier);
+        let depth = trie.max_depth() + 2;
+        let mut stack = vec![0 as StateId; depth];
+        let mut acc = vec![false; depth];
+        stack[0] = st;
+        acc[0] = self.dfa.is_accepting(st);
+        let mut i = 1;
+        while i < nodes.len() {
+            let n = &nodes[i];
+            let d = n.depth as usize;
+            if acc[d - 1] && self.follow[(n.byte >> 6) as usize] & (1 << (n.byte & 63)) != 0 {
+                frontier.push(Front::Pop(i as u32));
+            }
+            let t = if n.byte == MARKER {
+                0
+            } else {
+                self.dfa.step(stack[d - 1], n.byte)
+            };
+            if t == 0 {
+                i = n.subtree_end as usize;
+                continue;
+            }
+            stack[d] = t;
+            acc[d] = self.dfa.is_accepting(t);
+            for &tok in trie.tokens_of(n) {
+                mask[(tok / 32) as usize] |= 1 << (tok % 32);
+            }
+            if !self.calls[self.dfa.index(t)].is_empty() {
+                frontier.push(Front::Call(i as u32, 0, t));
+            }
+            i += 1;
+        }
+        Inner { mask, frontier }
+    }
+
+    /// [`Rule::inner`] of a counted rule: a few states per trie depth.
+    fn inner_counted(&self, vocab: &VocabCore, st: u32) -> Option<Inner> {
+        let n0 = self.split(st).0;
+        let trie = vocab.trie();
+        let nodes = trie.nodes();
+        let mut mask = vec![0u32; vocab.mask_words()].into_boxed_slice();
+        let mut frontier = Vec::new();
+        self.boundary(st, n0, 0, &mut frontier);
+        // In-rule states per depth: `sets[level[d]..level[d + 1]]`.
+        let depth = trie.max_depth() + 2;
+        let mut level = vec![0usize; depth + 1];
+        // Whether some in-rule state of depth `d` may end the rule.
+        let mut acc = vec![false; depth + 1];
+        acc[0] = self.accepting(st);
+        let mut sets: Vec<u32> = vec![st];
+        level[1] = 1;
+        let mut i = 1;
+        while i < nodes.len() {
+            let n = &nodes[i];
+            let d = n.depth as usize;
+            sets.truncate(level[d]);
+            if acc[d - 1] && self.follow[(n.byte >> 6) as usize] & (1 << (n.byte & 63)) != 0 {
+                frontier.push(Front::Pop(i as u32));
+            }
+            if n.byte != MARKER {
+                for j in level[d - 1]..level[d] {
+                    let q = sets[j];
+                    self.positions(q, |p| {
+                        let (c, s) = self.split(p);
+                        let t = self.dfa.step(s, n.byte);
+                        if t != 0 {
+                            let x = self.join(self.clamp_n(c), t);
+                            if !sets[level[d]..].contains(&x) {
+                                sets.push(x);
+                            }
+                        }
+                    });
+                }
+            }
+            let found = sets.len() - level[d];
+            if found == 0 {
+                i = n.subtree_end as usize;
+                continue;
+            }
+            if found > INNER_WIDTH {
+                return None;
+            }
+            level[d + 1] = sets.len();
+            for &tok in trie.tokens_of(n) {
+                mask[(tok / 32) as usize] |= 1 << (tok % 32);
+            }
+            acc[d] = false;
+            for &q in &sets[level[d]..level[d + 1]] {
+                self.boundary(q, n0, i as u32, &mut frontier);
+                acc[d] |= self.accepting(q);
+            }
+            i += 1;
+        }
+        Some(Inner { mask, frontier })
+    }
+
+    /// The rules this rule may call before consuming any byte.
+    pub(crate) fn start_callees(&self) -> Vec<u32> {
+        let mut out = Vec::new();
+        self.positions(self.start(), |p| {
+            let s = self.split(p).1;
+            out.extend(self.calls[self.dfa.index(s)].iter().map(|&(c, _)| c));
+        });
+        out
     }
 
     #[inline(always)]
@@ -203,7 +412,7 @@ type MaskCache = HashMap<Box<[u32]>, Arc<[u32]>>;
 
 /// The network, with its mask cache.
 pub(crate) struct Rtn {
-    rules: Vec<Rule>,
+    rules: Vec<Arc<Rule>>,
     root: u32,
     /// Counter distances are clamped here: the longest token, plus one.
     clamp: u32,
@@ -216,7 +425,7 @@ pub(crate) struct Rtn {
 pub(crate) type Stacks = Vec<Vec<Frame>>;
 
 impl Rtn {
-    pub(crate) fn new(rules: Vec<Rule>, root: u32, max_token_len: usize) -> Rtn {
+    pub(crate) fn new(rules: Vec<Arc<Rule>>, root: u32, max_token_len: usize) -> Rtn {
         Rtn {
             rules,
             root,
@@ -323,24 +532,101 @@ impl Rtn {
         Ok(())
     }
 
-    /// One walk of the token trie carrying the set of stacks per trie depth.
+    /// The mask of `stacks`: with one stack, the top state's cached context-free part (see
+    /// [`Inner`]) plus general walks below its frontier; otherwise one general walk of the
+    /// whole token trie.
     fn compute_mask(&self, vocab: &VocabCore, stacks: &Stacks, out: &mut [u32]) -> Result<()> {
         out.fill(0);
         let trie = vocab.trie();
         let nodes = trie.nodes();
-        let depth = trie.max_depth() + 2;
         let mut w = Walker::new(self);
-        let mut sets: Vec<u32> = stacks.iter().map(|s| w.load(s)).collect();
-        // The set of depth `d` is `sets[level[d]..level[d + 1]]`; the arena entries made for
-        // depth `d` start at `mark[d]`.
+        let inner = match stacks.as_slice() {
+            [st] => st.last().and_then(|&(r, s)| {
+                self.rules[r as usize]
+                    .inner(vocab, s, self.clamp)
+                    .map(|x| (st, r, s, x))
+            }),
+            _ => None,
+        };
+        if let Some((st, r, s, inner)) = inner {
+            let rule = &self.rules[r as usize];
+            let n = rule.split(s).0;
+            let below = &st[..st.len() - 1];
+            out.copy_from_slice(&inner.mask);
+            for &f in &inner.frontier {
+                w.arena.clear();
+                let mut tops = Vec::new();
+                let (from, to, base) = match f {
+                    Front::Pop(node) => {
+                        if below.is_empty() {
+                            continue;
+                        }
+                        tops.push(w.load(below));
+                        let nd = &nodes[node as usize];
+                        (
+                            node as usize,
+                            nd.subtree_end as usize,
+                            nd.depth as usize - 1,
+                        )
+                    }
+                    Front::Call(node, dn, q) => {
+                        let parent = w.load(below);
+                        let nq = rule.clamp_n(n + dn);
+                        for &(c, ret) in rule.calls[rule.dfa.index(q)].iter() {
+                            let p = w.push(r, rule.join(nq, ret), parent);
+                            let child = w.push(c, self.rules[c as usize].start(), p);
+                            tops.push(child);
+                        }
+                        let nd = &nodes[node as usize];
+                        let to = if node == 0 {
+                            nodes.len()
+                        } else {
+                            nd.subtree_end as usize
+                        };
+                        (node as usize + 1, to, nd.depth as usize)
+                    }
+                };
+                self.walk(vocab, &mut w, tops, from, to, base, out);
+            }
+        } else {
+            let tops: Vec<u32> = stacks.iter().map(|s| w.load(s)).collect();
+            self.walk(vocab, &mut w, tops, 1, nodes.len(), 0, out);
+        }
+        w.check()?;
+        if self.is_accepting(stacks) {
+            for (o, e) in out.iter_mut().zip(vocab.eos_mask()) {
+                *o |= e;
+            }
+        }
+        Ok(())
+    }
+
+    /// Walks trie nodes `from..to` (a subtree's descendants, or the whole trie) whose parent at
+    /// depth `base` has the stacks `tops`, setting the bits of every token they allow.
+    #[allow(clippy::too_many_arguments)]
+    fn walk(
+        &self,
+        vocab: &VocabCore,
+        w: &mut Walker<'_>,
+        mut sets: Vec<u32>,
+        from: usize,
+        to: usize,
+        base: usize,
+        out: &mut [u32],
+    ) {
+        let trie = vocab.trie();
+        let nodes = trie.nodes();
+        let depth = trie.max_depth() + 2 - base;
+        // The set of relative depth `d` is `sets[level[d]..level[d + 1]]`; the arena entries
+        // made for it start at `mark[d]`.
         let mut level = vec![0usize; depth + 1];
         let mut mark = vec![0usize; depth + 1];
         level[1] = sets.len();
         mark[1] = w.arena.len();
-        let mut i = 1;
-        while i < nodes.len() {
+        let mut i = from;
+        while i < to {
             let n = &nodes[i];
-            let d = n.depth as usize;
+            let d = n.depth as usize - base;
             sets.truncate(level[d]);
             w.arena.truncate(mark[d]);
             for k in level[d - 1]..level[d] {
@@ -359,13 +645,6 @@ impl Rtn {
             }
             i += 1;
         }
-        w.check()?;
-        if self.is_accepting(stacks) {
-            for (o, e) in out.iter_mut().zip(vocab.eos_mask()) {
-                *o |= e;
-            }
-        }
-        Ok(())
     }
 }
 

@@ -746,6 +746,20 @@ impl<'a> Emitter<'a> {
         Ok(marker(id))
     }
 
+    /// The pattern of further items or properties (`items`, `additionalItems`,
+    /// `additionalProperties`): any JSON when absent or `true`, `None` when none may appear.
+    fn open_schema(&mut self, v: Option<&'a Value>) -> R<Option<String>> {
+        match v {
+            None | Some(Value::Bool(true)) => Ok(Some(self.any()?)),
+            Some(Value::Bool(false)) => Ok(None),
+            Some(s) => match self.value(s) {
+                Ok(p) => Ok(Some(self.maybe_call(p)?)),
+                Err(Fail::Unsatisfiable(_)) => Ok(None),
+                Err(e) => Err(e),
+            },
+        }
+    }
+
     fn array(&mut self, m: &'a Map<String, Value>) -> R<String> {
         if m.get("uniqueItems").and_then(Value::as_bool) == Some(true) {
             return unsupported("`uniqueItems`");
@@ -763,15 +777,7 @@ impl<'a> Emitter<'a> {
                 (None, Some(Value::Array(p))) => (p.as_slice(), m.get("additionalItems")),
                 (None, items) => (&[], items),
             };
-        let rest = match rest {
-            None | Some(Value::Bool(true)) => Some(self.any()?),
-            Some(Value::Bool(false)) => None,
-            Some(s) => match self.value(s) {
-                Ok(p) => Some(self.maybe_call(p)?),
-                Err(Fail::Unsatisfiable(_)) => None,
-                Err(e) => return Err(e),
-            },
-        };
+        let rest = self.open_schema(rest)?;
         let w = self.w.clone();
         let k = prefix.len() as u32;
         let mut items = Vec::new();
@@ -850,15 +856,7 @@ impl<'a> Emitter<'a> {
         }
         let min_props = count_kw(m, "minProperties")?.unwrap_or(0);
         let max_props = count_kw(m, "maxProperties")?;
-        let additional = match m.get("additionalProperties") {
-            None | Some(Value::Bool(true)) => Some(self.any()?),
-            Some(Value::Bool(false)) => None,
-            Some(s) => match self.value(s) {
-                Ok(p) => Some(self.maybe_call(p)?),
-                Err(Fail::Unsatisfiable(_)) => None,
-                Err(e) => return Err(e),
-            },
-        };
+        let additional = self.open_schema(m.get("additionalProperties"))?;
         // Items in order: (pattern, required).
         let mut items: Vec<(String, bool)> = Vec::new();
         let mut names: Vec<&str> = Vec::new();

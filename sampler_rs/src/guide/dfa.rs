@@ -19,8 +19,11 @@ use super::StateId;
 /// The dead state: no string of the language starts with the text that led here.
 const DEAD: StateId = 0;
 
-/// Deepest nesting of groups and repetitions a pattern may have.
+/// Deepest nesting of groups and repetitions a user's pattern may have.
 const NEST_LIMIT: u32 = 100;
+/// The same for the JSON Schema compiler's generated patterns (a key trie nests one group per
+/// character of the longest property name; the parser's stacks are on the heap).
+const GENERATED_NEST_LIMIT: u32 = 2000;
 
 /// Size budgets for compiling a regex; past any of them the compile fails with "too large".
 #[derive(Debug, Clone)]
@@ -121,9 +124,14 @@ impl DfaGuide {
     /// Compiles `pattern`; with `utf8 = false` the pattern may match bytes that are not UTF-8
     /// (`(?-u:\xFF)`): the JSON Schema compiler's call markers.
     pub(crate) fn build(pattern: &str, limits: &DfaLimits, utf8: bool) -> Result<DfaGuide> {
+        let nest = if utf8 {
+            NEST_LIMIT
+        } else {
+            GENERATED_NEST_LIMIT
+        };
         // A pattern that does not parse fails below, with the builder's message.
         if let Ok(hir) = regex_syntax::ParserBuilder::new()
-            .nest_limit(NEST_LIMIT)
+            .nest_limit(nest)
             .build()
             .parse(pattern)
         {
@@ -144,7 +152,7 @@ impl DfaGuide {
                     .dfa_size_limit(Some(limits.dfa_bytes))
                     .determinize_size_limit(Some(limits.determinize_bytes)),
             )
-            .syntax(syntax::Config::new().nest_limit(NEST_LIMIT).utf8(utf8))
+            .syntax(syntax::Config::new().nest_limit(nest).utf8(utf8))
             .thompson(
                 thompson::Config::new()
                     .nfa_size_limit(Some(limits.nfa_bytes))

@@ -30,11 +30,15 @@ use super::rtn::MARKER;
 /// Counted repetitions up to this many copies are inlined into the DFA.
 pub(crate) const INLINE_COUNT: u32 = 8;
 /// Sub-schemas whose pattern is longer than this become rules of their own.
-const INLINE_BYTES: usize = 1200;
+const INLINE_BYTES: usize = 400;
+/// Most bytes of one object's members' pattern (quadratic in its optional members); past it
+/// the schema goes to llguidance (its DFA would take long to build).
+const OBJECT_INLINE_BYTES: usize = 32 << 10;
 /// Most rules a schema may compile to.
 const MAX_RULES: usize = 4096;
-/// Most pattern bytes, all rules together.
-const MAX_PATTERN_BYTES: usize = 8 << 20;
+/// Most pattern bytes, all rules together (DFA builds take ~1 µs per pattern byte); past it
+/// the schema goes to llguidance.
+const MAX_PATTERN_BYTES: usize = 96 << 10;
 /// Deepest nesting of sub-schemas the emitter follows.
 const MAX_DEPTH: u32 = 200;
 
@@ -911,13 +915,19 @@ impl<'a> Emitter<'a> {
         let extra = match &additional {
             Some(a) => Some(format!(
                 "{}{w}:{w}{a}",
-                key_not_in(&names).ok_or_else(|| Fail::Unsupported(
+                key_not_in(&names, &format!("{CHAR}*")).ok_or_else(|| Fail::Unsupported(
                     "a property name that needs escapes beside additional properties".into()
                 ))?
             )),
             None => None,
         };
         let (body, nullable) = object_body(&items, extra.as_deref(), &w);
+        if body.len() > OBJECT_INLINE_BYTES {
+            return Err(Fail::TooLarge(format!(
+                "an object whose members' pattern is {} bytes (over {OBJECT_INLINE_BYTES})",
+                body.len()
+            )));
+        }
         Ok(wrap("\\{", "\\}", &body, nullable, &w))
     }
 }
@@ -956,21 +966,40 @@ fn object_body(items: &[(String, bool)], extra: Option<&str>, w: &str) -> (Strin
         };
         afters[i] = after.clone();
     }
-    // From item i on, nothing written yet: the non-empty ways on, and whether none is allowed.
-    let mut first: Option<String> = extra.map(|x| format!("{x}{}", afters[items.len()]));
+    let heads: Vec<String> = (0..items.len())
+        .map(|i| format!("{}{}", items[i].0, afters[i + 1]))
+        .collect();
+    let first = extra.map(|x| format!("{x}{}", afters[items.len()]));
+    first_member(items, heads, first)
+}
+
+/// The ways to write the first member: member `i` (`heads[i]`: it and what may follow), for
+/// every `i` up to and including the first required one, or else `extra` (additional members
+/// only). One flat alternation (a nested one would pass the parser's nesting limit). Returns
+/// `""` when no member may be written, and whether writing none is allowed.
+fn first_member(
+    items: &[(String, bool)],
+    heads: Vec<String>,
+    extra: Option<String>,
+) -> (String, bool) {
+    let mut alts = Vec::new();
     let mut nullable = true;
-    for i in (0..items.len()).rev() {
-        let (p, req) = &items[i];
-        let here = format!("{p}{}", afters[i + 1]);
-        first = Some(match first {
-            Some(f) if !*req => format!("(?:{here}|{f})"),
-            _ => here,
-        });
+    for (h, (_, req)) in heads.into_iter().zip(items) {
+        alts.push(h);
         if *req {
             nullable = false;
+            break;
         }
     }
-    (first.unwrap_or_default(), nullable)
+    if nullable {
+        alts.extend(extra);
+    }
+    let body = match alts.len() {
+        0 => String::new(),
+        1 => alts.pop().unwrap_or_default(),
+        _ => format!("(?:{})", alts.join("|")),
+    };
+    (body, nullable)
 }
 
 /// A JSON string literal, as a pattern (serialized like `json.dumps(..., ensure_ascii=False)`).
@@ -979,7 +1008,8 @@ fn json_string_literal(s: &str) -> String {
 }
 
 /// A JSON string (with its quotes) that is none of `names`; `None` if a name needs escapes.
-fn key_not_in(names: &[&str]) -> Option<String> {
+/// `tail` is the pattern of the rest of a string's characters once it differs from every name.
+fn key_not_in(names: &[&str], tail: &str) -> Option<String> {
     #[derive(Default)]
     struct T {
         end: bool,
@@ -998,7 +1028,7 @@ fn key_not_in(names: &[&str]) -> Option<String> {
         }
         t.end = true;
     }
-    fn go(t: &T, out: &mut String) {
+    fn go(t: &T, tail: &str, out: &mut String) {
         let mut alts: Vec<String> = Vec::new();
         if !t.end {
             alts.push(String::new());
@@ -1009,11 +1039,11 @@ fn key_not_in(names: &[&str]) -> Option<String> {
         }
         class.push(']');
         alts.push(format!(
-            r#"(?:{class}|\\["\\/bfnrt]|\\u[0-9a-fA-F]{{4}}){CHAR}*"#
+            r#"(?:{class}|\\["\\/bfnrt]|\\u[0-9a-fA-F]{{4}}){tail}"#
         ));
         for (c, k) in &t.kids {
             let mut sub = regex_syntax::escape(&c.to_string());
-            go(k, &mut sub);
+            go(k, tail, &mut sub);
             alts.push(sub);
         }
         out.push_str("(?:");
@@ -1021,7 +1051,7 @@ fn key_not_in(names: &[&str]) -> Option<String> {
         out.push(')');
     }
     let mut out = String::from("\"");
-    go(&root, &mut out);
+    go(&root, tail, &mut out);
     out.push('"');
     Some(out)
 }
@@ -1089,42 +1119,28 @@ fn int_bounds(m: &Map<String, Value>) -> R<(Option<i64>, Option<i64>)> {
 
 /// Decimal strings of the integers in `lo..=hi`, as a pattern.
 fn int_range(lo: i64, hi: i64) -> String {
+    // `i64::MIN` / `i64::MAX` stand for no bound.
+    let upper = (hi != i64::MAX).then_some(hi);
+    let lower = (lo != i64::MIN).then_some(lo);
     let mut alts = Vec::new();
-    if hi < 0 {
+    // Negative numbers: `-n` for n in max(1, -hi)..=-lo.
+    if lower.is_none_or(|l| l < 0) {
+        let from = match upper {
+            Some(h) if h < 0 => h.unsigned_abs(),
+            _ => 1,
+        };
         alts.push(format!(
             "-{}",
-            nat_range(hi.unsigned_abs(), Some(lo.unsigned_abs()))
+            nat_range(from, lower.map(i64::unsigned_abs))
         ));
-    } else if lo < 0 {
-        alts.push(format!("-{}", nat_range(1, Some(lo.unsigned_abs()))));
-        alts.push(nat_range(0, Some(hi as u64)));
-        alts.push("-0".to_string());
-    } else {
-        alts.push(nat_range(lo as u64, Some(hi as u64)));
-        if lo == 0 {
-            alts.push("-0".to_string());
-        }
     }
-    // An unbounded side: i64::MIN / MAX stand for no bound.
-    if hi == i64::MAX && lo >= 0 {
-        alts = vec![nat_range(lo as u64, None)];
-        if lo == 0 {
+    // Zero and positive numbers: max(0, lo)..=hi.
+    if upper.is_none_or(|h| h >= 0) {
+        let from = lower.map_or(0, |l| l.max(0) as u64);
+        alts.push(nat_range(from, upper.map(|h| h as u64)));
+        if from == 0 {
             alts.push("-0".to_string());
         }
-    } else if hi == i64::MAX {
-        alts = vec![
-            format!("-{}", nat_range(1, Some(lo.unsigned_abs()))),
-            nat_range(0, None),
-            "-0".to_string(),
-        ];
-    } else if lo == i64::MIN && hi >= 0 {
-        alts = vec![
-            format!("-{}", nat_range(1, None)),
-            nat_range(0, Some(hi as u64)),
-            "-0".to_string(),
-        ];
-    } else if lo == i64::MIN {
-        alts = vec![format!("-{}", nat_range(hi.unsigned_abs(), None))];
     }
     format!("(?:{})", alts.join("|"))
 }
@@ -1159,6 +1175,10 @@ fn same_len(a: &str, b: &str) -> String {
     let (x, y) = (a.as_bytes(), b.as_bytes());
     if x.is_empty() {
         return String::new();
+    }
+    // The full range of this length: one class (keeps the recursion linear in the digits).
+    if x.iter().all(|&c| c == b'0') && y.iter().all(|&c| c == b'9') {
+        return format!("[0-9]{{{}}}", x.len());
     }
     if x.len() == 1 {
         return if x[0] == y[0] {

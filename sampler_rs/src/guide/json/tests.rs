@@ -282,3 +282,36 @@ fn masks_equal_llguidance_on_random_walks() {
         }
     }
 }
+
+#[test]
+fn integer_ranges_are_exact() {
+    let v = toy_vocab();
+    for (lo, hi) in [
+        (Some(-1), None),
+        (None, Some(-3)),
+        (Some(-120), Some(-7)),
+        (Some(0), Some(0)),
+        (Some(7), Some(1234)),
+        (None, Some(45)),
+        (Some(-9), Some(9)),
+    ] {
+        let mut s = json!({"type": "integer"});
+        if let Some(l) = lo {
+            s["minimum"] = json!(l);
+        }
+        if let Some(h) = hi {
+            s["maximum"] = json!(h);
+        }
+        let g = compile(&v, &s, None);
+        for n in -1500i64..1500 {
+            let want = lo.is_none_or(|l| n >= l) && hi.is_none_or(|h| n <= h);
+            assert_eq!(accepts(&g, &n.to_string()), want, "{s} on {n}");
+        }
+        assert_eq!(
+            accepts(&g, "-0"),
+            lo.is_none_or(|l| l <= 0) && hi.is_none_or(|h| h >= 0),
+            "{s} on -0"
+        );
+        assert_eq!(accepts(&g, "99999999999999"), hi.is_none(), "{s}");
+    }
+}

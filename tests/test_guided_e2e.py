@@ -114,7 +114,7 @@ def test_guides_compose_with_penalties_bias_and_logprobs(servers: Servers) -> No
     ("body", "loc"),
     [
         ({"guided_regex": "(unclosed"}, ["body", "guided_regex"]),
-        ({"guided_json": {"type": "object", "uniqueItems": True, "properties": {"a": {"not": {}}}}},
+        ({"guided_json": {"type": "array", "uniqueItems": True, "items": {"not": {"minimum": 1}}}},
          ["body", "guided_json"]),
         ({"guided_json": "{not json"}, ["body", "guided_json"]),
         ({"guided_grammar": "start: @@@"}, ["body", "guided_grammar"]),

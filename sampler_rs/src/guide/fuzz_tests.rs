@@ -660,7 +660,7 @@ fn arb_schema() -> BoxedStrategy<Value> {
             )
                 .prop_map(|(k, v)| json!({ k: v })),
             1 => (inner, 0u8..8).prop_map(|(s, k)| match k {
-                // `not` is unsupported: it must be refused, not ignored.
+                // `not` (beyond `{}` and types, unsupported): refused, never ignored.
                 0 => json!({ "not": s }),
                 _ => s,
             }),

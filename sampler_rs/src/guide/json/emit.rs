@@ -74,7 +74,6 @@ pub(crate) struct RuleSrc {
 /// Keywords of JSON Schema's validation vocabularies (all drafts) that this compiler does not
 /// implement in any form.
 const UNSUPPORTED: &[&str] = &[
-    "not",
     "if",
     "then",
     "else",
@@ -97,6 +96,7 @@ const UNSUPPORTED: &[&str] = &[
 
 /// Keywords implemented here (some only in some forms; the others fail as unsupported).
 const IMPLEMENTED: &[&str] = &[
+    "not",
     "type",
     "enum",
     "const",
@@ -236,6 +236,43 @@ fn has_nested_id(v: &Value, root: bool) -> bool {
 
 fn unsupported<T>(what: impl Into<String>) -> R<T> {
     Err(Fail::Unsupported(what.into()))
+}
+
+/// The JSON types a `not` sub-schema excludes (all six for `{}`/`true`); unsupported unless
+/// it constrains nothing but `type`.
+fn not_types(n: &Value) -> R<Vec<&'static str>> {
+    match n {
+        Value::Bool(true) => Ok(JSON_TYPES.to_vec()),
+        Value::Bool(false) => Ok(Vec::new()),
+        Value::Object(o) => {
+            let keys: Vec<&str> = o
+                .keys()
+                .map(String::as_str)
+                .filter(|k| IMPLEMENTED.contains(k) || UNSUPPORTED.contains(k))
+                .collect();
+            if keys.is_empty() {
+                return Ok(JSON_TYPES.to_vec());
+            }
+            if keys != ["type"] {
+                return unsupported("`not` of a schema other than `{}` or a `type`");
+            }
+            let named: Vec<&str> = match &o["type"] {
+                Value::String(t) => vec![t.as_str()],
+                Value::Array(a) => a.iter().filter_map(Value::as_str).collect(),
+                _ => return unsupported("a `not` `type` that is neither a string nor a list"),
+            };
+            let mut out = Vec::new();
+            for t in named {
+                match JSON_TYPES.iter().find(|x| **x == t) {
+                    Some(x) => out.push(*x),
+                    // `not: {type: integer}` keeps non-integral numbers: not a type-level rule.
+                    None => return unsupported(format!("`not` `type` {t}")),
+                }
+            }
+            Ok(out)
+        }
+        _ => unsupported("a `not` that is not a schema"),
+    }
 }
 
 fn json_type(v: &Value) -> &'static str {
@@ -403,10 +440,22 @@ impl<'a> Emitter<'a> {
                 return unsupported(format!("`{k}`"));
             }
         }
+        // `not`: only as "not these types" (`{}` / `true`: nothing matches).
+        let mut excluded: Vec<&str> = Vec::new();
+        if let Some(n) = m.get("not") {
+            excluded = not_types(n)?;
+            if excluded.len() == JSON_TYPES.len() {
+                return Err(Fail::Unsatisfiable("`not: {}`".into()));
+            }
+            let structural = ["$ref", "allOf", "anyOf", "oneOf", "enum", "const"];
+            if !excluded.is_empty() && structural.iter().any(|k| m.contains_key(*k)) {
+                return unsupported("`not` beside `$ref`/`allOf`/`anyOf`/`oneOf`/`enum`/`const`");
+            }
+        }
         let validating: Vec<&str> = m
             .keys()
             .map(String::as_str)
-            .filter(|k| IMPLEMENTED.contains(k))
+            .filter(|k| IMPLEMENTED.contains(k) && *k != "not")
             .collect();
         let only = |k: &str| validating.iter().all(|x| *x == k);
 
@@ -454,7 +503,15 @@ impl<'a> Emitter<'a> {
             }
         }
 
-        let types = self.types(m)?;
+        let types: Vec<&str> = self
+            .types(m)?
+            .into_iter()
+            .filter(|t| {
+                let gone =
+                    excluded.contains(t) || (*t == "integer" && excluded.contains(&"number"));
+                !gone
+            })
+            .collect();
         if let Some(c) = m.get("const") {
             return self.literals(m, std::slice::from_ref(c), &types);
         }
@@ -915,8 +972,8 @@ impl<'a> Emitter<'a> {
         let extra = match &additional {
             Some(a) => Some(format!(
                 "{}{w}:{w}{a}",
-                key_not_in(&names, &format!("{CHAR}*")).ok_or_else(|| Fail::Unsupported(
-                    "a property name that needs escapes beside additional properties".into()
+                key_not_in(&names).ok_or_else(|| Fail::Unsupported(
+                    "a non-ASCII or escaped property name beside additional properties".into()
                 ))?
             )),
             None => None,
@@ -1007,9 +1064,16 @@ fn json_string_literal(s: &str) -> String {
     regex_syntax::escape(&serde_json::to_string(s).unwrap_or_default())
 }
 
-/// A JSON string (with its quotes) that is none of `names`; `None` if a name needs escapes.
-/// `tail` is the pattern of the rest of a string's characters once it differs from every name.
-fn key_not_in(names: &[&str], tail: &str) -> Option<String> {
+/// A JSON string (with its quotes) that is none of `names`; `None` if a name needs escapes or
+/// has a non-ASCII character.
+///
+/// Written so that one copy of the (large, Unicode) character class serves every name:
+/// `"(?:N|(?:D|P(?:NONASCII|ESC))CHAR*)"`, with `N` the proper prefixes of the names that are
+/// not names, `D` a prefix followed by an ASCII character that continues no name, and `P` any
+/// prefix (a name's prefix followed by a non-ASCII character or an escape continues none of
+/// them). An escape spelling a name's character counts as different (JSON texts compare
+/// unescaped, so such a key could repeat a declared one; serializers do not write them).
+fn key_not_in(names: &[&str]) -> Option<String> {
     #[derive(Default)]
     struct T {
         end: bool,
@@ -1018,7 +1082,7 @@ fn key_not_in(names: &[&str], tail: &str) -> Option<String> {
     let mut root = T::default();
     for n in names {
         if n.chars()
-            .any(|c| c == '"' || c == '\\' || (c as u32) < 0x20)
+            .any(|c| c == '"' || c == '\\' || (c as u32) < 0x20 || !c.is_ascii())
         {
             return None;
         }
@@ -1028,32 +1092,60 @@ fn key_not_in(names: &[&str], tail: &str) -> Option<String> {
         }
         t.end = true;
     }
-    fn go(t: &T, tail: &str, out: &mut String) {
+    fn lit(c: char) -> String {
+        regex_syntax::escape(&c.to_string())
+    }
+    fn alt(alts: Vec<String>) -> String {
+        format!("(?:{})", alts.join("|"))
+    }
+    // Proper prefixes that are not names.
+    fn n(t: &T) -> Option<String> {
         let mut alts: Vec<String> = Vec::new();
         if !t.end {
             alts.push(String::new());
         }
-        let mut class = String::from(r#"[^"\\\x00-\x1f"#);
-        for c in t.kids.keys() {
-            let _ = write!(class, "\\x{{{:X}}}", *c as u32);
+        for (c, k) in &t.kids {
+            if let Some(sub) = n(k) {
+                alts.push(format!("{}{sub}", lit(*c)));
+            }
+        }
+        (!alts.is_empty()).then(|| alt(alts))
+    }
+    // A prefix, then an ASCII string character that continues no name.
+    fn d(t: &T) -> String {
+        let mut class = String::from(r#"[\x20-\x21\x23-\x5b\x5d-\x7f"#);
+        if !t.kids.is_empty() {
+            class.push_str("--[");
+            for c in t.kids.keys() {
+                let _ = write!(class, "\\x{{{:X}}}", *c as u32);
+            }
+            class.push(']');
         }
         class.push(']');
-        alts.push(format!(
-            r#"(?:{class}|\\["\\/bfnrt]|\\u[0-9a-fA-F]{{4}}){tail}"#
-        ));
+        let mut alts = vec![class];
         for (c, k) in &t.kids {
-            let mut sub = regex_syntax::escape(&c.to_string());
-            go(k, tail, &mut sub);
-            alts.push(sub);
+            alts.push(format!("{}{}", lit(*c), d(k)));
         }
-        out.push_str("(?:");
-        out.push_str(&alts.join("|"));
-        out.push(')');
+        alt(alts)
     }
-    let mut out = String::from("\"");
-    go(&root, tail, &mut out);
-    out.push('"');
-    Some(out)
+    // Any prefix.
+    fn p(t: &T) -> String {
+        let mut alts = vec![String::new()];
+        for (c, k) in &t.kids {
+            alts.push(format!("{}{}", lit(*c), p(k)));
+        }
+        alt(alts)
+    }
+    let mut head = Vec::new();
+    if let Some(x) = n(&root) {
+        head.push(x);
+    }
+    head.push(format!(
+        r#"(?:{}|{}(?:[^\x00-\x7f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{{4}})){CHAR}*"#,
+        d(&root),
+        p(&root)
+    ));
+    Some(format!("\"{}\"", alt(head)))
 }
 
 fn count_kw(m: &Map<String, Value>, k: &str) -> R<Option<u32>> {

@@ -108,6 +108,21 @@ fn schemas_accept_and_reject() {
             vec!["1", r#"{"a":[true,false,null,"x",-1.5e3]}"#],
             vec!["tru", "{"],
         ),
+        (
+            json!({"type": "object", "properties": {"ab": {"type": "integer"}, "abc": {"type": "integer"}, "b": {"type": "integer"}}, "additionalProperties": {"type": "string"}}),
+            vec![r#"{"a":"x"}"#, r#"{"abd":"x"}"#, r#"{"abcd":"x"}"#, r#"{"x":"y"}"#, "{\"\u{e9}\":\"y\"}", r#"{"ab":1,"zz":"q"}"#, r#"{"":"e"}"#, r#"{"b\n":"e"}"#],
+            vec![r#"{"ab":"x"}"#, r#"{"b":"s"}"#, r#"{"abc":"s"}"#, r#"{"zz":"q","ab":1}"#],
+        ),
+        (
+            json!({"not": {"type": ["string", "object"]}}),
+            vec!["1", "null", "[\"a\"]", "-2.5"],
+            vec![r#""a""#, "{}"],
+        ),
+        (
+            json!({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"not": {}}}, "additionalProperties": {"not": {}}}),
+            vec!["{}", r#"{"a":1}"#],
+            vec![r#"{"b":1}"#, r#"{"a":1,"c":2}"#],
+        ),
     ];
     for (schema, good, bad) in cases {
         let g = compile(&v, &schema, None);
@@ -140,10 +155,10 @@ fn unsupported_keywords_fall_back_to_llguidance() {
             Err(e) => assert!(!e.to_string().is_empty()),
         }
     }
-    // Neither engine implements `not`: refused, naming the keyword.
+    // Neither engine implements `not` beyond types: refused, naming the keyword.
     let e = v
         .compile(&GuideSpec::JsonSchema {
-            schema: r#"{"not": {"type": "string"}}"#.into(),
+            schema: r#"{"not": {"minimum": 3}}"#.into(),
             whitespace_pattern: None,
         })
         .unwrap_err();

@@ -33,6 +33,11 @@ use super::super::error::{GuideError, Result};
 use super::super::vocab::VocabCore;
 use super::super::StateId;
 
+/// [`Rule`] state flag: the rule may end here.
+const ACCEPTING: u8 = 1;
+/// [`Rule`] state flag: calls leave from here.
+const CALLS: u8 = 2;
+
 /// The first byte of a call marker (`0xFF` never occurs in UTF-8 text).
 pub(crate) const MARKER: u8 = 0xFF;
 const NONE: u32 = u32::MAX;
@@ -57,6 +62,8 @@ pub(crate) struct Rule {
     /// The bytes that may follow the rule where it is called (a bit set); a pop is only
     /// followed on these.
     follow: [u64; 4],
+    /// By premultiplied DFA state id: [`ACCEPTING`], [`CALLS`].
+    flags: Vec<u8>,
     /// By (vocabulary id, normalized state): the context-free part of its mask ([`Inner`]).
     inner: Arc<InnerCache>,
 }
@@ -147,7 +154,13 @@ impl Rule {
                 )));
             }
         }
+        let mut flags = vec![0u8; dfa.table_len()];
+        for s in dfa.states() {
+            flags[s as usize] = (u8::from(dfa.is_accepting(s)) * ACCEPTING)
+                | (u8::from(!calls[dfa.index(s)].is_empty()) * CALLS);
+        }
         Ok(Rule {
+            flags,
             dfa,
             calls,
             count,
@@ -234,11 +247,13 @@ impl Rule {
                 continue;
             }
             stack[d] = t;
-            acc[d] = self.dfa.is_accepting(t);
+            // By premultiplied id (no division on the hot path).
+            let f = self.flags[t as usize];
+            acc[d] = f & ACCEPTING != 0;
             for &tok in trie.tokens_of(n) {
                 mask[(tok / 32) as usize] |= 1 << (tok % 32);
             }
-            if !self.calls[self.dfa.index(t)].is_empty() {
+            if f & CALLS != 0 {
                 frontier.push(Front::Call(i as u32, 0, t));
             }
             i += 1;
@@ -713,15 +728,21 @@ impl<'a> Walker<'a> {
                     let id = self.push(rule, r.join(n, t), parent);
                     out.push(id);
                 }
-                let calls = &r.calls[r.dfa.index(s)];
-                for &(c, ret) in calls.iter() {
-                    let p = self.push(rule, r.join(n, ret), parent);
-                    let child = self.push(c, rtn.rules[c as usize].start(), p);
-                    self.step(child, b, out, budget - 1);
+                if r.flags[s as usize] & CALLS != 0 {
+                    for &(c, ret) in r.calls[r.dfa.index(s)].iter() {
+                        let p = self.push(rule, r.join(n, ret), parent);
+                        let child = self.push(c, rtn.rules[c as usize].start(), p);
+                        self.step(child, b, out, budget - 1);
+                    }
                 }
             });
         }
-        if parent != NONE && r.accepting(state) {
+        let accepting = if r.count.is_none() {
+            r.flags[state as usize] & ACCEPTING != 0
+        } else {
+            r.accepting(state)
+        };
+        if parent != NONE && accepting {
             self.step(parent, b, out, budget - 1);
         }
     }

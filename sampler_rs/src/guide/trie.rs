@@ -25,6 +25,63 @@ pub struct TokenTrie {
     nodes: Vec<Node>,
     token_ids: Vec<TokenId>,
     max_depth: usize,
+    /// Per node: whether every path below it is JSON string content (see
+    /// [`TokenTrie::content_below`]); built on first use.
+    content: std::sync::OnceLock<Vec<bool>>,
+}
+
+/// UTF-8 decoding states for [`TokenTrie::content_below`]: at a character boundary, or inside a
+/// character (which continuation bytes may come).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum U8 {
+    Boundary,
+    Cont1,
+    Cont2,
+    Cont3,
+    AfterE0,
+    AfterED,
+    AfterF0,
+    AfterF4,
+}
+
+impl U8 {
+    const ALL: [U8; 8] = [
+        U8::Boundary,
+        U8::Cont1,
+        U8::Cont2,
+        U8::Cont3,
+        U8::AfterE0,
+        U8::AfterED,
+        U8::AfterF0,
+        U8::AfterF4,
+    ];
+
+    /// The state after byte `b` of a JSON string's unescaped content, or `None` (a quote, a
+    /// backslash, a control character or invalid UTF-8).
+    pub(crate) fn next(self, b: u8) -> Option<U8> {
+        use U8::*;
+        let cont = (0x80..=0xBF).contains(&b);
+        match self {
+            Boundary => match b {
+                0x20..=0x21 | 0x23..=0x5B | 0x5D..=0x7F => Some(Boundary),
+                0xC2..=0xDF => Some(Cont1),
+                0xE0 => Some(AfterE0),
+                0xED => Some(AfterED),
+                0xE1..=0xEC | 0xEE..=0xEF => Some(Cont2),
+                0xF0 => Some(AfterF0),
+                0xF1..=0xF3 => Some(Cont3),
+                0xF4 => Some(AfterF4),
+                _ => None,
+            },
+            Cont1 => cont.then_some(Boundary),
+            Cont2 => cont.then_some(Cont1),
+            Cont3 => cont.then_some(Cont2),
+            AfterE0 => (0xA0..=0xBF).contains(&b).then_some(Cont1),
+            AfterED => (0x80..=0x9F).contains(&b).then_some(Cont1),
+            AfterF0 => (0x90..=0xBF).contains(&b).then_some(Cont2),
+            AfterF4 => (0x80..=0x8F).contains(&b).then_some(Cont2),
+        }
+    }
 }
 
 impl TokenTrie {
@@ -84,7 +141,58 @@ impl TokenTrie {
             nodes,
             token_ids,
             max_depth,
+            content: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Whether every path below node `i`, read from a character boundary, is unescaped JSON
+    /// string content: no quote, backslash or control character, valid UTF-8 (a path may end
+    /// inside a character). The JSON Schema engine allows such a subtree's tokens at once from
+    /// a state that loops on string content.
+    pub(crate) fn content_below(&self, i: usize) -> bool {
+        self.content.get_or_init(|| self.build_content())[i]
+    }
+
+    fn build_content(&self) -> Vec<bool> {
+        let n = self.nodes.len();
+        // ok[i] bit u: every path below node i is content when read from UTF-8 state u.
+        let mut ok = vec![u8::MAX; n];
+        let mut parent = vec![0usize; n];
+        let mut path: Vec<usize> = vec![0];
+        for (i, (node, up)) in self.nodes.iter().zip(parent.iter_mut()).enumerate().skip(1) {
+            let d = node.depth as usize;
+            path.truncate(d);
+            *up = path[d - 1];
+            path.push(i);
+        }
+        for i in (1..n).rev() {
+            let b = self.nodes[i].byte;
+            let mut keep = 0u8;
+            for (k, u) in U8::ALL.iter().enumerate() {
+                if let Some(v) = u.next(b) {
+                    let vi = U8::ALL.iter().position(|x| *x == v).unwrap_or(0);
+                    if ok[i] & (1 << vi) != 0 {
+                        keep |= 1 << k;
+                    }
+                }
+            }
+            ok[parent[i]] &= keep;
+        }
+        ok.iter().map(|&m| m & 1 != 0).collect()
+    }
+
+    /// The tokens of the nodes strictly below node `i` (a contiguous range: preorder).
+    pub(crate) fn tokens_below(&self, i: usize) -> &[TokenId] {
+        let end_node = self.nodes[i].subtree_end as usize;
+        if i + 1 >= end_node {
+            return &[];
+        }
+        let from = self.nodes[i + 1].tok_start as usize;
+        let to = self
+            .nodes
+            .get(end_node)
+            .map_or(self.token_ids.len(), |x| x.tok_start as usize);
+        &self.token_ids[from..to]
     }
 
     /// The nodes, root first, in depth-first preorder.
@@ -107,5 +215,55 @@ impl TokenTrie {
     /// Number of nodes (including the root).
     pub fn num_nodes(&self) -> usize {
         self.nodes.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_below_follows_json_string_content() {
+        let toks: Vec<(TokenId, &[u8])> = vec![
+            (0, b"a"),
+            (1, b"ab"),
+            (2, "aé".as_bytes()),
+            (3, b"a\xc3"),
+            (4, b"b"),
+            (5, b"b\""),
+            (6, b"c"),
+            (7, b"c\xa9"),
+            (8, b"d"),
+            (9, b"d\xed\xa0"),
+        ];
+        let t = TokenTrie::new(toks.iter().map(|(i, b)| (*i, *b)));
+        let node = |bytes: &[u8]| {
+            (1..t.nodes.len())
+                .find(|&i| {
+                    let mut path = Vec::new();
+                    let mut d = t.nodes[i].depth as usize;
+                    let mut j = i;
+                    while d > 0 {
+                        if t.nodes[j].depth as usize == d {
+                            path.push(t.nodes[j].byte);
+                            d -= 1;
+                        }
+                        j -= 1;
+                    }
+                    path.reverse();
+                    path == bytes
+                })
+                .unwrap_or(0)
+        };
+        // Below `a`: "b", "é" and a partial "é": all content.
+        assert!(t.content_below(node(b"a")));
+        let mut below: Vec<TokenId> = t.tokens_below(node(b"a")).to_vec();
+        below.sort_unstable();
+        assert_eq!(below, vec![1, 2, 3]);
+        // A quote, a stray continuation byte, a surrogate half: not content.
+        assert!(!t.content_below(node(b"b")));
+        assert!(!t.content_below(node(b"c")));
+        assert!(!t.content_below(node(b"d")));
+        assert!(t.tokens_below(node(b"ab")).is_empty());
     }
 }

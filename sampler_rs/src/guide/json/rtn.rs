@@ -230,6 +230,7 @@ impl Rule {
         let mut acc = vec![false; depth];
         stack[0] = st;
         acc[0] = self.dfa.is_accepting(st);
+        let mut loops: HashMap<StateId, bool> = HashMap::new();
         let mut i = 1;
         while i < nodes.len() {
             let n = &nodes[i];
@@ -256,9 +257,49 @@ impl Rule {
             if f & CALLS != 0 {
                 frontier.push(Front::Call(i as u32, 0, t));
             }
+            // Inside a string whose characters loop on one state: every token below made of
+            // string content is allowed, without walking it.
+            if f == 0
+                && n.subtree_end as usize > i + 1
+                && trie.content_below(i)
+                && *loops.entry(t).or_insert_with(|| self.content_loop(t))
+            {
+                for &tok in trie.tokens_below(i) {
+                    mask[(tok / 32) as usize] |= 1 << (tok % 32);
+                }
+                i = n.subtree_end as usize;
+                continue;
+            }
             i += 1;
         }
         Inner { mask, frontier }
+    }
+
+    /// Whether every JSON string character (unescaped, valid UTF-8) leads from `l` back to `l`
+    /// through live states where the rule neither ends nor calls: then any string content
+    /// (ending inside a character or not) is allowed from `l`.
+    fn content_loop(&self, l: StateId) -> bool {
+        use crate::guide::trie::U8;
+        let mut seen: Vec<(StateId, U8)> = vec![(l, U8::Boundary)];
+        let mut todo = vec![(l, U8::Boundary)];
+        while let Some((s, u)) = todo.pop() {
+            for b in 0..=255u8 {
+                let Some(v) = u.next(b) else { continue };
+                let t = self.dfa.step(s, b);
+                if t == 0 || self.flags[t as usize] != 0 {
+                    return false;
+                }
+                if v == U8::Boundary {
+                    if t != l {
+                        return false;
+                    }
+                } else if !seen.contains(&(t, v)) {
+                    seen.push((t, v));
+                    todo.push((t, v));
+                }
+            }
+        }
+        true
     }
 
     /// [`Rule::inner`] of a counted rule: a few states per trie depth.

@@ -19,10 +19,14 @@
 //! branches are tried in parallel). Each stack is a list of frames, bottom first; the top frame
 //! holds the current state of its rule, the frames below hold their rules' return states.
 //!
-//! The mask of a state is one walk of the vocabulary's token trie in which every trie node
-//! carries the set of stacks reached by its bytes (a persistent arena of frames, so pushes and
-//! pops cost one entry); an empty set skips the node's subtree. Masks are cached on the guide by
-//! the normalized key of the state, shared by every sequence.
+//! The mask of a one-stack state is the top rule's cached context-free part for its state
+//! ([`Inner`]: the tokens the rule consumes by itself, computed once per process and
+//! vocabulary, and the trie nodes where a pop or call may happen) plus general walks below
+//! those nodes; other states take one general walk of the whole trie. A general walk carries
+//! the set of stacks reached by each trie node's bytes (a persistent arena of frames, so pushes
+//! and pops cost one entry); an empty set skips the node's subtree. Below a state that loops on
+//! string content, a subtree of pure string content is allowed whole. Masks are cached on the
+//! guide by the normalized key of the state, shared by every sequence.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};

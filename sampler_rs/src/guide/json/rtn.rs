@@ -22,7 +22,8 @@
 //! The mask of a one-stack state is the top rule's cached context-free part for its state
 //! ([`Inner`]: the tokens the rule consumes by itself, computed once per process and
 //! vocabulary, and the trie nodes where a pop or call may happen) plus general walks below
-//! those nodes; other states take one general walk of the whole trie. A general walk carries
+//! those nodes (a call before any byte takes the callee's own mask in that context, cached
+//! like any other); other states take one general walk of the whole trie. A general walk carries
 //! the set of stacks reached by each trie node's bytes (a persistent arena of frames, so pushes
 //! and pops cost one entry); an empty set skips the node's subtree. Below a state that loops on
 //! string content, a subtree of pure string content is allowed whole. Masks are cached on the
@@ -97,6 +98,9 @@ enum Front {
     /// the count of the state the entry was computed for; 0 in a non-counted rule).
     Call(u32, u32, StateId),
 }
+
+/// Most masks one mask's computation may nest (calls before any byte, each a mask of its own).
+const MAX_NESTED_MASKS: u32 = 16;
 
 /// Most in-rule states one trie depth may carry in [`Rule::inner`]; past it the general walk
 /// is used.
@@ -573,6 +577,17 @@ impl Rtn {
         stacks: &Stacks,
         out: &mut [u32],
     ) -> Result<()> {
+        self.fill_mask_at(vocab, stacks, out, 0)
+    }
+
+    /// [`Rtn::fill_mask`] from inside another mask's computation, `depth` levels down.
+    fn fill_mask_at(
+        &self,
+        vocab: &VocabCore,
+        stacks: &Stacks,
+        out: &mut [u32],
+        depth: u32,
+    ) -> Result<()> {
         let key = self.cache_key(stacks);
         {
             let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
@@ -581,7 +596,7 @@ impl Rtn {
                 return Ok(());
             }
         }
-        self.compute_mask(vocab, stacks, out)?;
+        self.compute_mask(vocab, stacks, out, depth)?;
         let bytes = out.len() * 4 + key.len() * 4;
         if self.cached_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes <= self.cache_limit {
             let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
@@ -595,7 +610,13 @@ impl Rtn {
     /// The mask of `stacks`: with one stack, the top state's cached context-free part (see
     /// [`Inner`]) plus general walks below its frontier; otherwise one general walk of the
     /// whole token trie.
-    fn compute_mask(&self, vocab: &VocabCore, stacks: &Stacks, out: &mut [u32]) -> Result<()> {
+    fn compute_mask(
+        &self,
+        vocab: &VocabCore,
+        stacks: &Stacks,
+        out: &mut [u32],
+        depth: u32,
+    ) -> Result<()> {
         out.fill(0);
         let trie = vocab.trie();
         let nodes = trie.nodes();
@@ -628,6 +649,22 @@ impl Rtn {
                             nd.subtree_end as usize,
                             nd.depth as usize - 1,
                         )
+                    }
+                    Front::Call(0, dn, q) if depth < MAX_NESTED_MASKS => {
+                        // A call before any byte: the callee's whole mask in that context,
+                        // itself built (and cached) from the callee's context-free part.
+                        let nq = rule.clamp_n(n + dn);
+                        let mut tmp = vec![0u32; out.len()];
+                        for &(c, ret) in rule.calls[rule.dfa.index(q)].iter() {
+                            let mut pushed = below.to_vec();
+                            pushed.push((r, rule.join(nq, ret)));
+                            pushed.push((c, self.rules[c as usize].start()));
+                            self.fill_mask_at(vocab, &vec![pushed], &mut tmp, depth + 1)?;
+                            for ((o, t), e) in out.iter_mut().zip(&tmp).zip(vocab.eos_mask()) {
+                                *o |= t & !e;
+                            }
+                        }
+                        continue;
                     }
                     Front::Call(node, dn, q) => {
                         let parent = w.load(below);

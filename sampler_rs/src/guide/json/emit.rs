@@ -206,12 +206,29 @@ pub(crate) fn emit(schema: &Value, whitespace: Option<&str>) -> R<Vec<RuleSrc>> 
         .collect()
 }
 
-/// The bytes a match of `pattern` may start with (`None` if it does not compile).
+/// The bytes a match of `pattern` may start with (`None` if it does not compile); cached per
+/// process (a whitespace pattern is the same for every schema of a deployment).
 fn first_bytes(pattern: &str) -> Option<Vec<u8>> {
-    let d =
-        super::super::dfa::DfaGuide::build(pattern, &super::super::dfa::DfaLimits::default(), true)
-            .ok()?;
-    Some((0..=255u8).filter(|&b| d.step(d.start(), b) != 0).collect())
+    type Cache = std::sync::Mutex<HashMap<String, Option<Vec<u8>>>>;
+    static CACHE: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(x) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(pattern) {
+        return x.clone();
+    }
+    let limits = super::super::dfa::DfaLimits::default();
+    let first = super::super::dfa::DfaGuide::build(pattern, &limits, true)
+        .ok()
+        .map(|d| {
+            (0..=255u8)
+                .filter(|&b| d.step(d.start(), b) != 0)
+                .collect::<Vec<u8>>()
+        });
+    let mut c = cache.lock().unwrap_or_else(|p| p.into_inner());
+    if c.len() >= 64 {
+        c.clear();
+    }
+    c.insert(pattern.to_string(), first.clone());
+    first
 }
 
 fn has_key(v: &Value, key: &str) -> bool {
@@ -1353,16 +1370,21 @@ fn string_pattern(p: &str) -> R<String> {
     Ok(out.to_string())
 }
 
-fn any_chars() -> R<Hir> {
-    Ok(Hir::repetition(hir::Repetition {
-        min: 0,
-        max: None,
-        greedy: true,
-        sub: Box::new(json_char_hir(&ClassUnicode::new([ClassUnicodeRange::new(
-            '\0',
-            char::MAX,
-        )]))),
-    }))
+/// Any string characters (`.*` around an unanchored `pattern`), built once.
+fn any_chars() -> Hir {
+    static ANY: std::sync::OnceLock<Hir> = std::sync::OnceLock::new();
+    ANY.get_or_init(|| {
+        Hir::repetition(hir::Repetition {
+            min: 0,
+            max: None,
+            greedy: true,
+            sub: Box::new(json_char_hir(&ClassUnicode::new([ClassUnicodeRange::new(
+                '\0',
+                char::MAX,
+            )]))),
+        })
+    })
+    .clone()
 }
 
 fn anchored(h: &Hir) -> R<Hir> {
@@ -1371,7 +1393,7 @@ fn anchored(h: &Hir) -> R<Hir> {
             v.iter().map(anchored).collect::<R<Vec<_>>>()?,
         )),
         HirKind::Capture(c) => anchored(&c.sub),
-        HirKind::Look(Look::Start | Look::End) => any_chars(),
+        HirKind::Look(Look::Start | Look::End) => Ok(any_chars()),
         HirKind::Concat(v) => {
             let mut v: &[Hir] = v;
             let start = matches!(v.first().map(Hir::kind), Some(HirKind::Look(Look::Start)));
@@ -1384,17 +1406,17 @@ fn anchored(h: &Hir) -> R<Hir> {
             }
             let mut parts = Vec::new();
             if !start {
-                parts.push(any_chars()?);
+                parts.push(any_chars());
             }
             for x in v {
                 parts.push(transform(x)?);
             }
             if !end {
-                parts.push(any_chars()?);
+                parts.push(any_chars());
             }
             Ok(Hir::concat(parts))
         }
-        _ => Ok(Hir::concat(vec![any_chars()?, transform(h)?, any_chars()?])),
+        _ => Ok(Hir::concat(vec![any_chars(), transform(h)?, any_chars()])),
     }
 }
 
@@ -1442,23 +1464,23 @@ fn json_char_hir(class: &ClassUnicode) -> Hir {
     ctrl.intersect(&ClassUnicode::new([ClassUnicodeRange::new('\0', '\u{1f}')]));
     for r in ctrl.ranges() {
         for code in r.start() as u32..=r.end() as u32 {
-            alts.push(
-                regex_syntax::Parser::new()
-                    .parse(&format!("\\\\u00{}{}", code >> 4, hex_nibble(code & 15)))
-                    .unwrap_or_else(|_| Hir::fail()),
-            );
+            alts.push(control_escape(code));
         }
     }
     Hir::alternation(alts)
 }
 
-fn hex_nibble(n: u32) -> String {
-    let c = char::from_digit(n, 16).unwrap_or('0');
-    if c.is_ascii_digit() {
-        c.to_string()
-    } else {
-        format!("[{}{}]", c, c.to_ascii_uppercase())
-    }
+/// `\u00XX` for a control character (hex digits in either case).
+fn control_escape(code: u32) -> Hir {
+    let lo = char::from_digit(code & 15, 16).unwrap_or('0');
+    let lo = ClassUnicode::new([
+        ClassUnicodeRange::new(lo, lo),
+        ClassUnicodeRange::new(lo.to_ascii_uppercase(), lo.to_ascii_uppercase()),
+    ]);
+    Hir::concat(vec![
+        Hir::literal(format!("\\u00{}", code >> 4).into_bytes()),
+        Hir::class(Class::Unicode(lo)),
+    ])
 }
 
 /// `h` in a group (a capture: the pattern is printed and parsed again, so its index is moot).

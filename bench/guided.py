@@ -1,10 +1,16 @@
 """Guided-decoding benchmark: MaskBench's protocol on maskbench-dev, tokenwire vs llguidance,
-xgrammar and outlines-core, one engine per process, one thread, each schema in its own forked
-child with a wall-clock timeout and a memory cap.
+xgrammar and outlines-core, one engine per process, one thread.
 
     python bench/guided.py                                   # everything (hours: the peers are slow)
     python bench/guided.py --limit 200 --vocabs tekken       # a seeded subset
     python bench/guided.py --engines tokenwire,llguidance
+
+As MaskBench's runner does, one long-lived worker process per engine takes the schemas in turn,
+with an address-space cap on the process and a per-schema alarm whose default action kills it;
+the driver then records that schema as a timeout (or out-of-memory / crash, by the signal) and
+starts a new worker at the next schema. Before each schema (untimed) an engine drops what an
+earlier schema left in its caches (``Adapter.reset``: tokenwire keeps only its built-in rules),
+so no schema compiles faster for its predecessors.
 
 Per schema: compile (schema -> ready matcher) is timed once; per instance token, "fill mask" and
 "commit" are timed separately (``perf_counter_ns``, into a preallocated int32/uint32 bitmask of
@@ -25,7 +31,6 @@ import os
 import platform
 import random
 import resource
-import select
 import signal
 import subprocess
 import sys
@@ -55,6 +60,9 @@ class Adapter:
         self.n = len(spec.token_bytes)
         self.mask = np.zeros((self.n + 31) // 32, dtype=np.int32)
 
+    def reset(self) -> None:
+        """Drops what earlier schemas left in caches (the peers keep none across schemas)."""
+
     def compile(self, schema: Any) -> Any:
         raise NotImplementedError
 
@@ -83,8 +91,8 @@ class Tokenwire(Adapter):
 
         self.rs = sampler_rs
         self.vocab = sampler_rs.Vocabulary(spec.token_bytes, [spec.eos], spec.special)
-        # Warm what a serving process builds once and keeps (the peers' equivalents are built
-        # before forking too): the llguidance fallback's tokenizer environment, and our
+        # Warm what a serving process builds once and keeps (the peers build their equivalents
+        # in __init__ too): the llguidance fallback's tokenizer environment, and our
         # process-wide rule cache with the shared rules' context-free masks (any-JSON, plain
         # strings), by one compile and walk of `{"type": "object"}`.
         sampler_rs.Guide.json_schema(self.vocab, '{"type": "object", "minProperties": 1}')
@@ -92,6 +100,9 @@ class Tokenwire(Adapter):
         for t in spec.encode(gr.serialise({"a": "b", "c": [1, {"d": None}]})):
             warm.fill_mask(self.mask)
             warm.advance(t)
+
+    def reset(self) -> None:
+        self.vocab.clear_caches()
 
     def compile(self, schema: Any) -> Any:
         return self.rs.Guide.json_schema(self.vocab, json.dumps(schema), whitespace_pattern=gr.WHITESPACE)
@@ -227,7 +238,7 @@ class Outlines(Adapter):
 ADAPTERS = {a.name: a for a in (Tokenwire, Llguidance, Xgrammar, Outlines)}
 
 
-# ---- one schema (in a forked child) ----------------------------------------------------------
+# ---- one schema, in the engine's worker process -------------------------------------------
 
 
 def run_schema(ad: Adapter, schema: Any, insts: list[tuple[bool, list[int]]]) -> dict[str, Any]:
@@ -272,71 +283,56 @@ def run_schema(ad: Adapter, schema: Any, insts: list[tuple[bool, list[int]]]) ->
     return res
 
 
-def forked(fn: Any, timeout: float, mem_bytes: int) -> dict[str, Any]:
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        try:
-            resource.setrlimit(resource.RLIMIT_AS, (mem_bytes, mem_bytes))
-            out = fn()
-        except MemoryError:
-            out = {"status": "oom"}
-        except BaseException as e:
-            out = {"status": "crash", "error": repr(e)[:300]}
-        data = json.dumps(out).encode()
-        with os.fdopen(w, "wb") as f:
-            f.write(data)
-        os._exit(0)
-    os.close(w)
-    chunks = []
-    deadline = time.monotonic() + timeout
-    status = None
-    with os.fdopen(r, "rb") as f:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                status = "timeout"
-                break
-            ready, _, _ = select.select([f], [], [], left)
-            if ready:
-                c = os.read(f.fileno(), 1 << 20)
-                if not c:
-                    break
-                chunks.append(c)
-    if status == "timeout":
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        return {"status": "timeout"}
-    _, code = os.waitpid(pid, 0)
-    if not chunks:
-        # Killed by the kernel (RLIMIT_AS turns most blow-ups into aborts) or a segfault.
-        return {
-            "status": "oom"
-            if os.WIFSIGNALED(code) and os.WTERMSIG(code) in (signal.SIGKILL, signal.SIGABRT)
-            else "crash"
-        }
-    out: dict[str, Any] = json.loads(b"".join(chunks))
-    if out.get("status") == "crash" and "memory" in out.get("error", "").lower():
-        out["status"] = "oom"
-    return out
-
-
 def worker(args: argparse.Namespace) -> None:
+    """Runs the selected schemas from ``--skip`` on, appending one JSON line per schema to
+    ``--out``. A schema past ``--timeout`` ends the process (SIGALRM's default action)."""
     spec = gv.load(args.vocab)
     ad = ADAPTERS[args.worker](spec)
-    schemas = select_schemas(args.limit, args.seed)
-    with open(args.out, "w") as out:
-        for s in schemas:
+    mem = int(args.mem_gb * (1 << 30))
+    resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+    with open(args.out, "a") as out:
+        for s in select_schemas(args.limit, args.seed)[args.skip :]:
             insts = [(v, spec.encode(text)) for v, text in gr.instances(s)]
-            res = forked(
-                lambda s=s, insts=insts: run_schema(ad, s.schema, insts), args.timeout, int(args.mem_gb * (1 << 30))
-            )
-            res["name"] = s.name
-            res["n_valid"] = sum(v for v, _ in insts)
-            res["n_invalid"] = sum(not v for v, _ in insts)
+            ad.reset()
+            signal.setitimer(signal.ITIMER_REAL, args.timeout)
+            try:
+                res = run_schema(ad, s.schema, insts)
+            except MemoryError:
+                res = {"status": "oom"}
+            except Exception as e:
+                res = {"status": "crash", "error": repr(e)[:300]}
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            res |= {"name": s.name, "n_valid": sum(v for v, _ in insts), "n_invalid": sum(not v for v, _ in insts)}
             out.write(json.dumps(res) + "\n")
             out.flush()
+
+
+def drive(cmd: list[str], env: dict[str, str], path: str, schemas: list[gr.Schema]) -> tuple[list[dict[str, Any]], str]:
+    """Runs workers until every schema has a row; a worker that dies mid-schema gives that schema
+    its status (SIGALRM: timeout; SIGKILL/SIGABRT, as the kernel or an allocator end a process
+    past its cap: oom; else crash) and the next worker starts after it."""
+    rows: list[dict[str, Any]] = []
+    stderr = ""
+    while len(rows) < len(schemas):
+        proc = subprocess.run([*cmd, "--skip", str(len(rows))], env=env, capture_output=True, text=True)
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        if len(rows) >= len(schemas):
+            break
+        sig = -proc.returncode
+        if proc.returncode >= 0:
+            # It exited without finishing (an import error, say): nothing to retry.
+            return rows, proc.stderr[-2000:]
+        status = "timeout" if sig == signal.SIGALRM else "oom" if sig in (signal.SIGKILL, signal.SIGABRT) else "crash"
+        s = schemas[len(rows)]
+        insts = list(gr.instances(s))
+        row = {"status": status, "name": s.name, "n_valid": sum(v for v, _ in insts)}
+        row["n_invalid"] = len(insts) - row["n_valid"]
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        rows.append(row)
+        stderr = proc.stderr[-2000:]
+    return rows, stderr
 
 
 def select_schemas(limit: int | None, seed: int) -> list[gr.Schema]:
@@ -409,13 +405,14 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None, help="seeded subset of this many schemas")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per schema (compile + replay)")
-    p.add_argument("--mem-gb", type=float, default=8.0, help="address-space cap per schema")
+    p.add_argument("--mem-gb", type=float, default=8.0, help="address-space cap of a worker process")
     p.add_argument(
         "--peers", default=os.environ.get("GUIDED_PEERS", "/work/guided-peers"), help="extra PYTHONPATH for the peers"
     )
     p.add_argument("--out", default=os.path.join(HERE, "results", "guided.json"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--vocab", help=argparse.SUPPRESS)
+    p.add_argument("--skip", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         worker(args)
@@ -423,6 +420,7 @@ def main() -> None:
     env = dict(os.environ, RAYON_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     if args.peers and os.path.isdir(args.peers):
         env["PYTHONPATH"] = os.pathsep.join(x for x in (env.get("PYTHONPATH"), args.peers) if x)
+    schemas = select_schemas(args.limit, args.seed)
     results: dict[str, dict[str, Any]] = {}
     per_schema: dict[str, list[dict[str, Any]]] = {}
     for vocab in args.vocabs.split(","):
@@ -449,12 +447,10 @@ def main() -> None:
             if args.limit:
                 cmd += ["--limit", str(args.limit)]
             t0 = time.time()
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            with open(path) as f:
-                rows = [json.loads(line) for line in f if line.strip()]
+            rows, err = drive(cmd, env, path, schemas)
             os.unlink(path)
-            if proc.returncode != 0:
-                print(f"{key}: worker failed ({proc.returncode}): {proc.stderr[-2000:]}", file=sys.stderr)
+            if len(rows) < len(schemas):
+                print(f"{key}: worker failed: {err}", file=sys.stderr)
                 if not rows:
                     continue
             results[key] = summarise(rows) | {"wall_s": round(time.time() - t0, 1)}
@@ -472,8 +468,9 @@ def main() -> None:
                     "python": sys.version.split()[0],
                 },
                 "args": {k: v for k, v in vars(args).items() if k not in ("worker", "vocab")},
-                "protocol": "MaskBench on maskbench-dev; one thread; per-schema fork with timeout and "
-                "RLIMIT_AS; whitespace: one optional space between JSON tokens",
+                "protocol": "MaskBench on maskbench-dev; one thread; one worker process per engine with "
+                "RLIMIT_AS and a per-schema alarm (a killed worker is restarted at the next schema); "
+                "caches reset between schemas; whitespace: one optional space between JSON tokens",
                 "summary": results,
                 "per_schema": per_schema,
             },

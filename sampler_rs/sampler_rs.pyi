@@ -144,6 +144,10 @@ class Vocabulary:
     @property
     def cached_guides(self) -> int:
         """Compiled guides held by the cache."""
+    def clear_caches(self) -> None:
+        """Empties the compile caches: this vocabulary's guides, and the process-wide rules of the
+        JSON Schema compiler but for the built-in ones every schema shares (any-JSON, plain
+        strings). Compiled guides stay valid."""
 
 @final
 class Guide:

@@ -51,7 +51,7 @@ def walk(guide: Guide, ids: list[int]) -> tuple[bool, bool]:
 # ---- API ----------------------------------------------------------------------------------
 
 
-def test_engines_and_cache(vocab: Vocabulary) -> None:
+def test_engines_and_cache(vocab: Vocabulary, spm: gv.VocabSpec) -> None:
     g = Guide.regex(vocab, r"\d+")
     assert g.engine == "tokenwire-dfa"
     assert Guide.regex(vocab, r"\d+") is not g  # a new wrapper ...
@@ -63,6 +63,11 @@ def test_engines_and_cache(vocab: Vocabulary) -> None:
     assert Guide.json_schema(vocab, '{"type": "object", "minProperties": 2}').engine == "llguidance"
     assert Guide.grammar(vocab, 'start: "x"+').engine == "llguidance"
     assert len(vocab) == 32768
+    vocab.clear_caches()
+    assert vocab.cached_guides == 0
+    # Compiled guides outlive the caches; a schema compiles again after them.
+    assert walk(g, spm.encode("42")) == (True, True)
+    assert walk(Guide.json_schema(vocab, '{"type": "integer"}'), spm.encode("42")) == (True, True)
 
 
 @pytest.mark.parametrize(

@@ -41,6 +41,13 @@ impl PyVocabulary {
         self.inner.len()
     }
 
+    /// Empties the compile caches (this vocabulary's guides, and the JSON Schema compiler's
+    /// rules but for the built-in ones every schema shares). Compiled guides stay valid.
+    fn clear_caches(&self, py: Python<'_>) -> PyResult<()> {
+        let inner = self.inner.clone();
+        detached(py, move || inner.clear_caches())
+    }
+
     /// Number of compiled guides in this vocabulary's cache.
     #[getter]
     fn cached_guides(&self) -> usize {

@@ -1,7 +1,6 @@
 //! Our regex engine: a pattern → an anchored byte DFA (`regex-automata`) → a compact table of
 //! its live states, and per-state token masks walked from the token trie and cached.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
@@ -23,7 +22,7 @@ const DEAD: StateId = 0;
 const NEST_LIMIT: u32 = 100;
 /// The same for the JSON Schema compiler's generated patterns (a key trie nests one group per
 /// character of the longest property name; the parser's stacks are on the heap).
-const GENERATED_NEST_LIMIT: u32 = 2000;
+pub(crate) const GENERATED_NEST_LIMIT: u32 = 2000;
 
 /// Size budgets for compiling a regex; past any of them the compile fails with "too large".
 #[derive(Debug, Clone)]
@@ -82,17 +81,19 @@ pub(crate) struct DfaGuide {
 }
 
 fn build_error(e: dense::BuildError) -> GuideError {
+    let size = e.is_size_limit_exceeded();
+    error_of(&e, size)
+}
+
+pub(crate) fn error_of(e: &dyn std::error::Error, size: bool) -> GuideError {
     let mut msg = e.to_string();
-    let mut src = std::error::Error::source(&e);
+    let mut src = e.source();
     while let Some(s) = src {
         msg.push_str(": ");
         msg.push_str(&s.to_string());
         src = s.source();
     }
-    if e.is_size_limit_exceeded()
-        || msg.contains("exceeded size limit")
-        || msg.contains("exceeded limit")
-    {
+    if size || msg.contains("exceeded size limit") || msg.contains("exceeded limit") {
         GuideError::TooLarge(format!("the regex's automaton is over budget ({msg})"))
     } else {
         GuideError::InvalidRegex(msg)
@@ -101,7 +102,7 @@ fn build_error(e: dense::BuildError) -> GuideError {
 
 /// The most copies a counted repetition in `hir` makes, times the counts of the repetitions
 /// around it (saturating; `hir` is at most the syntax nest limit deep).
-fn repetition_copies(hir: &Hir) -> u64 {
+pub(crate) fn repetition_copies(hir: &Hir) -> u64 {
     match hir.kind() {
         HirKind::Repetition(r) => {
             let count = u64::from(r.max.unwrap_or(r.min).max(r.min)).max(1);
@@ -129,37 +130,48 @@ impl DfaGuide {
         } else {
             GENERATED_NEST_LIMIT
         };
-        // A pattern that does not parse fails below, with the builder's message.
-        if let Ok(hir) = regex_syntax::ParserBuilder::new()
-            .nest_limit(nest)
-            .build()
-            .parse(pattern)
-        {
-            let copies = repetition_copies(&hir);
-            if copies > u64::from(limits.max_repetition) {
-                return Err(GuideError::TooLarge(format!(
-                    "a counted repetition makes {copies} copies, over the limit of {}",
-                    limits.max_repetition
-                )));
-            }
-        }
-        let dfa = dense::Builder::new()
+        let thompson = thompson::Config::new()
+            .nfa_size_limit(Some(limits.nfa_bytes))
+            .utf8(utf8)
+            .which_captures(thompson::WhichCaptures::None);
+        let mut builder = dense::Builder::new();
+        builder
             .configure(
                 dense::Config::new()
                     .match_kind(MatchKind::All)
                     .start_kind(StartKind::Anchored)
                     .minimize(false)
+                    .accelerate(false)
                     .dfa_size_limit(Some(limits.dfa_bytes))
                     .determinize_size_limit(Some(limits.determinize_bytes)),
             )
             .syntax(syntax::Config::new().nest_limit(nest).utf8(utf8))
-            .thompson(
-                thompson::Config::new()
-                    .nfa_size_limit(Some(limits.nfa_bytes))
-                    .utf8(utf8),
-            )
-            .build(pattern)
-            .map_err(build_error)?;
+            .thompson(thompson.clone());
+        // Parsed once: checked for repetition budgets, then compiled from the same HIR. A
+        // pattern that does not parse goes to the builder, for its message.
+        let dfa = match regex_syntax::ParserBuilder::new()
+            .nest_limit(nest)
+            .utf8(utf8)
+            .build()
+            .parse(pattern)
+        {
+            Ok(hir) => {
+                let copies = repetition_copies(&hir);
+                if copies > u64::from(limits.max_repetition) {
+                    return Err(GuideError::TooLarge(format!(
+                        "a counted repetition makes {copies} copies, over the limit of {}",
+                        limits.max_repetition
+                    )));
+                }
+                let nfa = thompson::Compiler::new()
+                    .configure(thompson)
+                    .build_from_hir(&hir)
+                    .map_err(|e| error_of(&e, e.size_limit().is_some()))?;
+                builder.build_from_nfa(&nfa)
+            }
+            Err(_) => builder.build(pattern),
+        }
+        .map_err(build_error)?;
         let start = dfa
             .start_state(&start::Config::new().anchored(Anchored::Yes))
             .map_err(|e| GuideError::InvalidRegex(e.to_string()))?;
@@ -181,14 +193,25 @@ impl DfaGuide {
         let stride = reps.len();
 
         // Explore the reachable states; index 0 is the dead state.
-        let mut index: HashMap<regex_automata::util::primitives::StateID, u32> = HashMap::new();
+        // By the dense DFA's state index (its ids are premultiplied by 2^stride2): our id + 1.
+        let stride2 = dfa.stride2();
+        let mut index: Vec<u32> = Vec::new();
         let mut order = vec![start];
         let mut raw: Vec<u32> = vec![0; stride]; // row 0: dead
         let mut accept = vec![false];
         if dfa.is_dead_state(start) {
             return Err(GuideError::Empty);
         }
-        index.insert(start, 1);
+        let slot = |index: &mut Vec<u32>, sid: regex_automata::util::primitives::StateID| {
+            let k = sid.as_usize() >> stride2;
+            if k >= index.len() {
+                index.resize(k + 1, 0);
+            }
+            k
+        };
+        let k = slot(&mut index, start);
+        index[k] = 1;
+        let mut seen = 1u32;
         let mut i = 0;
         while i < order.len() {
             let sid = order[i];
@@ -200,12 +223,13 @@ impl DfaGuide {
                     raw.push(0);
                     continue;
                 }
-                let n = index.len() as u32 + 1;
-                let id = *index.entry(next).or_insert_with(|| {
+                let k = slot(&mut index, next);
+                if index[k] == 0 {
+                    seen += 1;
+                    index[k] = seen;
                     order.push(next);
-                    n
-                });
-                raw.push(id);
+                }
+                raw.push(index[k]);
             }
             if order.len() > limits.max_states {
                 return Err(GuideError::TooLarge(format!(
@@ -299,26 +323,10 @@ impl DfaGuide {
         self.start
     }
 
-    /// The live states, premultiplied ids.
-    pub(crate) fn states(&self) -> impl Iterator<Item = StateId> + '_ {
-        (1..self.accept.len()).map(move |k| (k * self.stride) as StateId)
-    }
-
     /// One byte from `s` (`DEAD`, 0, when the byte leads nowhere).
     #[inline(always)]
     pub(crate) fn step(&self, s: StateId, b: u8) -> StateId {
         self.trans[s as usize + self.classes[b as usize] as usize]
-    }
-
-    /// The dense index of state `s` (0 is the dead state).
-    #[inline(always)]
-    pub(crate) fn index(&self, s: StateId) -> usize {
-        s as usize / self.stride
-    }
-
-    /// Number of entries of the transition table (an upper bound of state ids).
-    pub(crate) fn table_len(&self) -> usize {
-        self.trans.len()
     }
 
     pub(crate) fn num_states(&self) -> usize {

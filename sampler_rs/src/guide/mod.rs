@@ -40,6 +40,7 @@ mod dfa;
 mod error;
 mod gbnf;
 mod json;
+mod lazy;
 mod llg;
 mod mask;
 mod trie;

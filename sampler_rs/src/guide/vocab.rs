@@ -244,6 +244,18 @@ impl Vocabulary {
         Ok(guide)
     }
 
+    /// Empties this vocabulary's compile cache and the process-wide caches of the JSON Schema
+    /// compiler's rules, keeping what every schema shares (any-JSON, plain strings): the state
+    /// of a process that has compiled one schema. For benchmarks and memory pressure; compiled
+    /// guides stay valid.
+    pub fn clear_caches(&self) {
+        let mut cache = self.lock_cache();
+        cache.map.clear();
+        cache.order.clear();
+        drop(cache);
+        super::json::clear_caches();
+    }
+
     /// Number of guides in the compile cache.
     pub fn cached_guides(&self) -> usize {
         self.lock_cache().map.len()

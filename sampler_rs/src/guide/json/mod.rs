@@ -13,7 +13,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use serde_json::Value;
 
-use super::dfa::{DfaGuide, DfaLimits};
+use super::dfa::DfaLimits;
+use super::lazy::LazyDfa;
 use super::vocab::VocabCore;
 use rtn::{InnerCache, Rtn, Rule};
 
@@ -40,8 +41,10 @@ pub(crate) fn compile(vocab: &VocabCore, schema: &Value, whitespace: Option<&str
         ..DfaLimits::default()
     };
     let mut rules = Vec::with_capacity(srcs.len());
-    for src in srcs {
-        match rule(src, &limits) {
+    for (i, src) in srcs.into_iter().enumerate() {
+        // Rules 1 and 2 (any-JSON, plain strings) are the same in every schema: kept across
+        // `clear_caches`.
+        match rule(src, &limits, i == 1 || i == 2) {
             Ok(r) => rules.push(r),
             Err(why) => return Outcome::Unsupported(why),
         }
@@ -69,48 +72,78 @@ pub(crate) fn compile(vocab: &VocabCore, schema: &Value, whitespace: Option<&str
     Outcome::Compiled(Rtn::new(rules, 0, vocab.trie().max_depth()))
 }
 
-/// Compiled rules by (pattern, count), shared by every schema of the process: a rule is the
-/// same automaton whatever schema it came from (any-JSON, plain strings, common sub-schemas).
-type RuleCache = HashMap<RuleKey, Arc<Rule>>;
+/// Compiled rules by (pattern, count, follow), shared by every schema of the process: a rule is
+/// the same automaton whatever schema it came from (any-JSON, plain strings, common
+/// sub-schemas). The flag marks the built-in rules that [`clear_caches`] keeps.
+type RuleCache = HashMap<RuleKey, (Arc<Rule>, bool)>;
 
 /// (pattern, count, follow bytes)
 type RuleKey = (String, Option<(u32, Option<u32>)>, Option<Vec<u8>>);
 
-/// The shared [`InnerCache`]s, by (pattern, follow bytes).
-type InnerCaches = HashMap<(String, Option<Vec<u8>>), Arc<InnerCache>>;
+/// The shared [`InnerCache`]s, by (pattern, follow bytes), with the same flag.
+type InnerCaches = HashMap<(String, Option<Vec<u8>>), (Arc<InnerCache>, bool)>;
 
-/// Most rules kept in [`RuleCache`]; past it the cache starts over.
+/// Most rules kept in [`RuleCache`]; past it the cache starts over (but for the built-in rules).
 const RULE_CACHE_ENTRIES: usize = 4096;
 
-fn rule(src: emit::RuleSrc, limits: &DfaLimits) -> Result<Arc<Rule>, String> {
-    static CACHE: OnceLock<Mutex<RuleCache>> = OnceLock::new();
-    static INNER: OnceLock<Mutex<InnerCaches>> = OnceLock::new();
-    let cache = CACHE.get_or_init(Default::default);
+static RULES: OnceLock<Mutex<RuleCache>> = OnceLock::new();
+static INNERS: OnceLock<Mutex<InnerCaches>> = OnceLock::new();
+
+fn lock<T: Default>(m: &'static OnceLock<Mutex<T>>) -> std::sync::MutexGuard<'static, T> {
+    m.get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+/// Forgets every cached rule of a schema (and its cached masks), keeping the built-in ones
+/// (any-JSON, plain strings) that every schema shares: what a process holds after its first
+/// schema. Benchmarks call it between schemas so that no schema compiles faster for the rules an
+/// earlier one left behind.
+pub(crate) fn clear_caches() {
+    lock(&RULES).retain(|_, v| v.1);
+    lock(&INNERS).retain(|_, v| v.1);
+}
+
+fn rule(src: emit::RuleSrc, limits: &DfaLimits, builtin: bool) -> Result<Arc<Rule>, String> {
     let key = (src.pattern, src.count, src.follow);
-    if let Some(r) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
-        return Ok(r.clone());
+    if let Some(r) = lock(&RULES).get(&key) {
+        return Ok(r.0.clone());
     }
-    let dfa = DfaGuide::build(&key.0, limits, false)
-        .map_err(|e| format!("a rule does not compile: {e}"))?;
-    let inner = {
-        let mut m = INNER
-            .get_or_init(Default::default)
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+    let dfa =
+        LazyDfa::build(&key.0, limits).map_err(|e| format!("a rule does not compile: {e}"))?;
+    // Masks cached by state are shared by rules of the same pattern only where states are
+    // numbered the same in each: counted rules, whose DFAs are made whole in breadth-first
+    // order. A lazily made DFA numbers states in the order walks reach them.
+    let inner = if key.1.is_none() {
+        Arc::default()
+    } else {
+        let mut m = lock(&INNERS);
         if m.len() >= RULE_CACHE_ENTRIES {
-            m.clear();
+            m.retain(|_, v| v.1);
         }
-        m.entry((key.0.clone(), key.2.clone())).or_default().clone()
+        let e = m
+            .entry((key.0.clone(), key.2.clone()))
+            .or_insert_with(|| (Arc::default(), builtin));
+        e.1 |= builtin;
+        e.0.clone()
     };
     let r = Arc::new(
         Rule::new(dfa, &src.callees, key.1, key.2.as_deref(), inner).map_err(|e| e.to_string())?,
     );
-    let mut c = cache.lock().unwrap_or_else(|p| p.into_inner());
+    let mut c = lock(&RULES);
     if c.len() >= RULE_CACHE_ENTRIES {
-        c.clear();
+        c.retain(|_, v| v.1);
     }
-    c.insert(key, r.clone());
+    c.insert(key, (r.clone(), builtin));
     Ok(r)
+}
+
+/// The patterns of the rules `schema` compiles to (none if it is not for us), for tests.
+#[cfg(test)]
+pub(crate) fn rule_patterns(schema: &Value) -> Vec<String> {
+    emit::emit(schema, Some("[ ]"))
+        .map(|v| v.into_iter().map(|r| r.pattern).collect())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The JSON Schema engine's automaton: a recursive transition network (RTN) of byte DFAs.
 //!
-//! A *rule* is a byte DFA (our [`DfaGuide`] tables) whose pattern may contain *call markers*:
+//! A *rule* is a byte DFA (a [`LazyDfa`], determinized as walks reach its states) whose
+//! pattern may contain *call markers*:
 //! the byte `0xFF` (never part of UTF-8 text) followed by two bytes naming another rule. Taking
 //! a marker edge from state `s` means "match the callee, then go on from the state after the
 //! marker" (the *return state*). Regular parts of a schema (strings, numbers, literals, the
@@ -8,7 +9,8 @@
 //! DFA; recursion (`$ref` cycles, any-JSON values) and large sub-schemas are calls.
 //!
 //! A *counted* rule matches its body DFA between `min` and `max` times without unrolling it:
-//! its state is `(n, s)`, `n` the elements completed so far, encoded as `n * table_len + s`.
+//! its state is `(n, s)`, `n` the elements completed so far, encoded as `n * table_len + s`
+//! (a counted rule's element DFA is small and made whole up front).
 //! Masks are cached by a normalized key in which every counter is replaced by its distances to
 //! `min` and `max`, clamped at the longest token plus one: a token of at most `L` bytes changes
 //! a counter by at most `L` (every element is at least one byte), so states whose clamped
@@ -33,8 +35,10 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::super::dfa::DfaGuide;
+use std::sync::OnceLock;
+
 use super::super::error::{GuideError, Result};
+use super::super::lazy::{any_overflow, LazyDfa, Segments};
 use super::super::vocab::VocabCore;
 use super::super::StateId;
 
@@ -52,23 +56,27 @@ const MAX_STACKS: usize = 256;
 /// left-recursive rule cycles, which JSON Schema cannot write but a malformed table could).
 const MAX_EPSILON: u32 = 256;
 
+/// The calls (callee, return state) leaving a state.
+type Calls = Box<[(u32, StateId)]>;
+
 /// A frame of a stack: a rule and a state of it.
 pub(crate) type Frame = (u32, u32);
 
 /// One rule of the network.
 pub(crate) struct Rule {
-    dfa: DfaGuide,
-    /// By DFA state index: the calls (callee, return state) leaving that state.
-    calls: Vec<Box<[(u32, StateId)]>>,
+    dfa: LazyDfa,
+    /// The rules its pattern calls.
+    callees: Box<[u32]>,
+    /// By DFA state, made on first use: the calls (callee, return state) leaving that state.
+    calls: Segments<OnceLock<Calls>>,
     /// `Some((min, max))` for a counted rule (`max = None`: unbounded).
     count: Option<(u32, Option<u32>)>,
-    /// `dfa.table_len()`: the multiplier of the element counter in a counted rule's state.
+    /// `dfa.table_len()` of a counted rule (its DFA is made whole up front): the multiplier of
+    /// the element counter in its states.
     space: u32,
     /// The bytes that may follow the rule where it is called (a bit set); a pop is only
     /// followed on these.
     follow: [u64; 4],
-    /// By premultiplied DFA state id: [`ACCEPTING`], [`CALLS`].
-    flags: Vec<u8>,
     /// By (vocabulary id, normalized state): the context-free part of its mask ([`Inner`]).
     inner: Arc<InnerCache>,
 }
@@ -112,7 +120,7 @@ const INNER_ENTRIES: usize = 4096;
 impl Rule {
     /// Builds a rule from its DFA. `callees` are the rules its pattern calls.
     pub(crate) fn new(
-        dfa: DfaGuide,
+        dfa: LazyDfa,
         callees: &[u32],
         count: Option<(u32, Option<u32>)>,
         follow: Option<&[u8]>,
@@ -125,22 +133,11 @@ impl Rule {
                 fset[(b >> 6) as usize] |= 1 << (b & 63);
             }
         }
-        let mut calls: Vec<Box<[(u32, StateId)]>> = Vec::new();
-        calls.resize_with(dfa.num_states() + 1, Default::default);
-        for s in dfa.states() {
-            if dfa.step(s, MARKER) == 0 {
-                continue;
-            }
-            let mut out = Vec::new();
-            for &c in callees {
-                if let Some(ret) = dfa.walk(s, &marker_bytes(c)) {
-                    out.push((c, ret));
-                }
-            }
-            calls[dfa.index(s)] = out.into_boxed_slice();
-        }
-        let space = dfa.table_len() as u32;
+        let mut space = 0;
         if let Some((min, max)) = count {
+            // A counted rule's states are numbered `n * space + s`: its DFA is made whole.
+            dfa.expand()?;
+            space = dfa.table_len() as u32;
             let start = dfa.start();
             if dfa.is_accepting(start) {
                 return Err(GuideError::Invalid(
@@ -162,20 +159,48 @@ impl Rule {
                 )));
             }
         }
-        let mut flags = vec![0u8; dfa.table_len()];
-        for s in dfa.states() {
-            flags[s as usize] = (u8::from(dfa.is_accepting(s)) * ACCEPTING)
-                | (u8::from(!calls[dfa.index(s)].is_empty()) * CALLS);
-        }
+        let (max_states, stride2) = dfa.shape();
         Ok(Rule {
-            flags,
+            calls: Segments::new(max_states, stride2, 0),
+            callees: callees.into(),
             dfa,
-            calls,
             count,
             space,
             follow: fset,
             inner,
         })
+    }
+
+    /// The calls (callee, return state) leaving DFA state `s`.
+    #[inline]
+    fn calls(&self, s: StateId) -> &[(u32, StateId)] {
+        if !self.calls.ensure(s) {
+            return &[];
+        }
+        let Some(cell) = self.calls.get(s, 0) else {
+            return &[];
+        };
+        cell.get_or_init(|| {
+            if self.dfa.step(s, MARKER) == 0 {
+                return Box::new([]);
+            }
+            self.callees
+                .iter()
+                .filter_map(|&c| self.dfa.walk(s, &marker_bytes(c)).map(|ret| (c, ret)))
+                .collect()
+        })
+    }
+
+    /// [`ACCEPTING`] and [`CALLS`] of DFA state `s`.
+    #[inline(always)]
+    fn flags(&self, s: StateId) -> u8 {
+        (u8::from(self.dfa.is_accepting(s)) * ACCEPTING)
+            | (u8::from(!self.calls(s).is_empty()) * CALLS)
+    }
+
+    /// Whether a walk of this rule was cut at its state budget.
+    pub(crate) fn overflowed(&self) -> bool {
+        self.dfa.overflowed()
     }
 
     /// Normalizes a counter after `n` elements (unbounded repetitions forget counts past
@@ -193,7 +218,7 @@ impl Rule {
     fn boundary(&self, st: u32, n0: u32, node: u32, out: &mut Vec<Front>) {
         self.positions(st, |p| {
             let (n, s) = self.split(p);
-            if !self.calls[self.dfa.index(s)].is_empty() {
+            if !self.calls(s).is_empty() {
                 out.push(Front::Call(node, n.saturating_sub(n0), s));
             }
         });
@@ -219,6 +244,10 @@ impl Rule {
         } else {
             self.inner_counted(vocab, st)?
         });
+        if self.overflowed() {
+            // Cut short at the state budget: the caller reports it; nothing is kept.
+            return Some(x);
+        }
         let mut c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if c.len() < INNER_ENTRIES {
             c.insert(key, x.clone());
@@ -257,7 +286,7 @@ impl Rule {
             }
             stack[d] = t;
             // By premultiplied id (no division on the hot path).
-            let f = self.flags[t as usize];
+            let f = self.flags(t);
             acc[d] = f & ACCEPTING != 0;
             for &tok in trie.tokens_of(n) {
                 mask[(tok / 32) as usize] |= 1 << (tok % 32);
@@ -294,7 +323,7 @@ impl Rule {
             for b in 0..=255u8 {
                 let Some(v) = u.next(b) else { continue };
                 let t = self.dfa.step(s, b);
-                if t == 0 || self.flags[t as usize] != 0 {
+                if t == 0 || self.flags(t) != 0 {
                     return false;
                 }
                 if v == U8::Boundary {
@@ -376,7 +405,7 @@ impl Rule {
         let mut out = Vec::new();
         self.positions(self.start(), |p| {
             let s = self.split(p).1;
-            out.extend(self.calls[self.dfa.index(s)].iter().map(|&(c, _)| c));
+            out.extend(self.calls(s).iter().map(|&(c, _)| c));
         });
         out
     }
@@ -655,7 +684,7 @@ impl Rtn {
                         // itself built (and cached) from the callee's context-free part.
                         let nq = rule.clamp_n(n + dn);
                         let mut tmp = vec![0u32; out.len()];
-                        for &(c, ret) in rule.calls[rule.dfa.index(q)].iter() {
+                        for &(c, ret) in rule.calls(q).iter() {
                             let mut pushed = below.to_vec();
                             pushed.push((r, rule.join(nq, ret)));
                             pushed.push((c, self.rules[c as usize].start()));
@@ -669,7 +698,7 @@ impl Rtn {
                     Front::Call(node, dn, q) => {
                         let parent = w.load(below);
                         let nq = rule.clamp_n(n + dn);
-                        for &(c, ret) in rule.calls[rule.dfa.index(q)].iter() {
+                        for &(c, ret) in rule.calls(q).iter() {
                             let p = w.push(r, rule.join(nq, ret), parent);
                             let child = w.push(c, self.rules[c as usize].start(), p);
                             tops.push(child);
@@ -810,17 +839,15 @@ impl<'a> Walker<'a> {
                     let id = self.push(rule, r.join(n, t), parent);
                     out.push(id);
                 }
-                if r.flags[s as usize] & CALLS != 0 {
-                    for &(c, ret) in r.calls[r.dfa.index(s)].iter() {
-                        let p = self.push(rule, r.join(n, ret), parent);
-                        let child = self.push(c, rtn.rules[c as usize].start(), p);
-                        self.step(child, b, out, budget - 1);
-                    }
+                for &(c, ret) in r.calls(s) {
+                    let p = self.push(rule, r.join(n, ret), parent);
+                    let child = self.push(c, rtn.rules[c as usize].start(), p);
+                    self.step(child, b, out, budget - 1);
                 }
             });
         }
         let accepting = if r.count.is_none() {
-            r.flags[state as usize] & ACCEPTING != 0
+            r.dfa.is_accepting(state)
         } else {
             r.accepting(state)
         };
@@ -870,6 +897,11 @@ impl<'a> Walker<'a> {
         if self.overflow {
             return Err(GuideError::TooLarge(
                 "the JSON Schema is too ambiguous at this point (too many parallel parses)".into(),
+            ));
+        }
+        if any_overflow() && self.rtn.rules.iter().any(|r| r.overflowed()) {
+            return Err(GuideError::TooLarge(
+                "the JSON Schema's automaton grew past its state budget".into(),
             ));
         }
         Ok(())

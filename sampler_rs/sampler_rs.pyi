@@ -160,6 +160,10 @@ class Guide:
         """`"tokenwire-dfa"` (regex, choice), `"tokenwire-json"` (JSON Schema, json_object) or
         `"llguidance"` (grammars, and JSON Schemas using keywords our compiler lacks)."""
     @property
+    def fallback_reason(self) -> str | None:
+        """Why our JSON Schema compiler passed the schema to llguidance (a keyword or form it
+        does not implement, a budget); `None` when it did not. May quote parts of the schema."""
+    @property
     def dfa_states(self) -> int | None:
         """Live DFA states of a `tokenwire-dfa` guide; `None` otherwise."""
     @staticmethod

@@ -60,7 +60,10 @@ def test_engines_and_cache(vocab: Vocabulary, spm: gv.VocabSpec) -> None:
     assert Guide.json_schema(vocab, '{"type": "integer"}').engine == "tokenwire-json"
     assert Guide.json_object(vocab).engine == "tokenwire-json"
     # What our JSON Schema compiler does not implement goes to llguidance.
-    assert Guide.json_schema(vocab, '{"type": "object", "minProperties": 2}').engine == "llguidance"
+    fallback = Guide.json_schema(vocab, '{"type": "object", "minProperties": 2}')
+    assert fallback.engine == "llguidance"
+    assert fallback.fallback_reason == "`minProperties` beyond the required properties"
+    assert Guide.json_schema(vocab, '{"type": "integer"}').fallback_reason is None
     assert Guide.grammar(vocab, 'start: "x"+').engine == "llguidance"
     assert len(vocab) == 32768
     vocab.clear_caches()

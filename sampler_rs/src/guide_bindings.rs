@@ -135,6 +135,12 @@ impl PyGuide {
         self.inner.engine().name()
     }
 
+    /// Why our JSON Schema compiler passed the schema to llguidance (`None` when it did not).
+    #[getter]
+    fn fallback_reason(&self) -> Option<String> {
+        self.inner.fallback_reason().map(str::to_string)
+    }
+
     /// Live DFA states (`None` for llguidance guides).
     #[getter]
     fn dfa_states(&self) -> Option<usize> {

@@ -124,6 +124,8 @@ enum GuideKind {
 struct GuideInner {
     vocab: Arc<VocabCore>,
     kind: GuideKind,
+    /// Why our JSON Schema compiler passed the schema to llguidance.
+    fallback: Option<String>,
 }
 
 /// A compiled constraint: immutable, cheap to clone (an `Arc`), shareable across sequences and
@@ -145,6 +147,7 @@ impl Guide {
     /// Compiles `spec` for `vocab` (uncached; see [`Vocabulary::compile`] for the cached call).
     pub fn compile(vocabulary: &Vocabulary, spec: &GuideSpec) -> Result<Guide> {
         let vocab = &**vocabulary.core();
+        let mut fallback = None;
         let kind = match spec {
             GuideSpec::Regex(pattern) => {
                 GuideKind::Dfa(DfaGuide::new(vocab, pattern, &DfaLimits::default())?)
@@ -165,9 +168,10 @@ impl Guide {
             GuideSpec::JsonSchema {
                 schema,
                 whitespace_pattern,
-            } => json_guide(vocab, schema, whitespace_pattern.as_deref())?,
+            } => json_guide(vocab, schema, whitespace_pattern.as_deref(), &mut fallback)?,
             GuideSpec::JsonObject { whitespace_pattern } => {
-                json_guide(vocab, r#"{"type":"object"}"#, whitespace_pattern.as_deref())?
+                let ws = whitespace_pattern.as_deref();
+                json_guide(vocab, r#"{"type":"object"}"#, ws, &mut fallback)?
             }
             GuideSpec::Grammar(grammar) => {
                 GuideKind::Llg(Box::new(LlgGuide::grammar(vocab, grammar)?))
@@ -177,6 +181,7 @@ impl Guide {
             inner: Arc::new(GuideInner {
                 vocab: vocabulary.core().clone(),
                 kind,
+                fallback,
             }),
         })
     }
@@ -188,6 +193,11 @@ impl Guide {
             GuideKind::Json(_) => Engine::TokenwireJson,
             GuideKind::Llg(_) => Engine::Llguidance,
         }
+    }
+
+    /// Why our JSON Schema compiler passed this schema to llguidance (`None` otherwise).
+    pub fn fallback_reason(&self) -> Option<&str> {
+        self.inner.fallback.as_deref()
     }
 
     /// The size of the vocabulary this guide was compiled for.
@@ -411,19 +421,27 @@ impl GuideState {
 
 /// A JSON Schema guide: our compiler when it implements everything the schema uses, else
 /// llguidance (which fails closed on what it does not implement either).
-fn json_guide(vocab: &VocabCore, schema: &str, whitespace: Option<&str>) -> Result<GuideKind> {
+fn json_guide(
+    vocab: &VocabCore,
+    schema: &str,
+    whitespace: Option<&str>,
+    fallback: &mut Option<String>,
+) -> Result<GuideKind> {
     let parsed: Option<serde_json::Value> = serde_json::from_str(schema).ok();
     let ws_ok = whitespace.is_none_or(|w| regex_syntax::Parser::new().parse(w).is_ok());
-    if let Some(v) = parsed.filter(|v| {
-        ws_ok
-            && (v.is_object() || v.as_bool() == Some(true))
-            && llg::count_objects(v) <= llg::MAX_SCHEMA_OBJECTS
-    }) {
-        if let json::Outcome::Compiled(r) = json::compile(vocab, &v, whitespace) {
-            return Ok(GuideKind::Json(Box::new(r)));
+    let why = match parsed {
+        None => "not JSON".to_string(),
+        Some(_) if !ws_ok => "the whitespace pattern does not parse".to_string(),
+        Some(v) if !(v.is_object() || v.as_bool() == Some(true)) => "not a schema".to_string(),
+        Some(v) if llg::count_objects(&v) > llg::MAX_SCHEMA_OBJECTS => {
+            "too many sub-schemas".into()
         }
-    }
-    Ok(GuideKind::Llg(Box::new(LlgGuide::json_schema(
-        vocab, schema, whitespace,
-    )?)))
+        Some(v) => match json::compile(vocab, &v, whitespace) {
+            json::Outcome::Compiled(r) => return Ok(GuideKind::Json(Box::new(r))),
+            json::Outcome::Unsupported(why) => why,
+        },
+    };
+    let g = LlgGuide::json_schema(vocab, schema, whitespace)?;
+    *fallback = Some(why);
+    Ok(GuideKind::Llg(Box::new(g)))
 }

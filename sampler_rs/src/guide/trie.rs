@@ -28,6 +28,16 @@ pub struct TokenTrie {
     /// Per node: whether every path below it is JSON string content (see
     /// [`TokenTrie::content_below`]); built on first use.
     content: std::sync::OnceLock<Vec<bool>>,
+    /// See [`TokenTrie::leads`].
+    leads: std::sync::OnceLock<Leads>,
+}
+
+/// Characters started (bytes that are not UTF-8 continuation bytes) on the path to each node,
+/// and the same for each slot of `token_ids` (its token's end node).
+#[derive(Debug, Clone)]
+struct Leads {
+    node: Vec<u16>,
+    slot: Vec<u16>,
 }
 
 /// UTF-8 decoding states for [`TokenTrie::content_below`]: at a character boundary, or inside a
@@ -142,6 +152,7 @@ impl TokenTrie {
             token_ids,
             max_depth,
             content: std::sync::OnceLock::new(),
+            leads: std::sync::OnceLock::new(),
         }
     }
 
@@ -181,17 +192,50 @@ impl TokenTrie {
         ok.iter().map(|&m| m & 1 != 0).collect()
     }
 
-    /// The tokens of the nodes strictly below node `i` (a contiguous range: preorder).
-    pub(crate) fn tokens_below(&self, i: usize) -> &[TokenId] {
+    /// The characters started on the path to node `i` (its bytes that are not UTF-8
+    /// continuation bytes), and for each token of [`TokenTrie::tokens_below`]`(i)` the same
+    /// count of the whole token: below a character boundary at node `i`, a token starts
+    /// `slot - node` more characters.
+    pub(crate) fn leads(&self, i: usize) -> (u16, &[u16]) {
+        let l = self.leads.get_or_init(|| {
+            let mut node = vec![0u16; self.nodes.len()];
+            let mut path: Vec<u16> = vec![0];
+            for (i, n) in self.nodes.iter().enumerate().skip(1) {
+                let d = n.depth as usize;
+                path.truncate(d);
+                let lead = path[d - 1] + u16::from(n.byte & 0xC0 != 0x80);
+                path.push(lead);
+                node[i] = lead;
+            }
+            let mut slot = vec![0u16; self.token_ids.len()];
+            for (i, n) in self.nodes.iter().enumerate() {
+                let from = n.tok_start as usize;
+                for x in slot.iter_mut().skip(from).take(n.n_tok as usize) {
+                    *x = node[i];
+                }
+            }
+            Leads { node, slot }
+        });
+        let (from, to) = self.below_range(i);
+        (l.node[i], &l.slot[from..to])
+    }
+
+    fn below_range(&self, i: usize) -> (usize, usize) {
         let end_node = self.nodes[i].subtree_end as usize;
         if i + 1 >= end_node {
-            return &[];
+            return (0, 0);
         }
         let from = self.nodes[i + 1].tok_start as usize;
         let to = self
             .nodes
             .get(end_node)
             .map_or(self.token_ids.len(), |x| x.tok_start as usize);
+        (from, to)
+    }
+
+    /// The tokens of the nodes strictly below node `i` (a contiguous range: preorder).
+    pub(crate) fn tokens_below(&self, i: usize) -> &[TokenId] {
+        let (from, to) = self.below_range(i);
         &self.token_ids[from..to]
     }
 

@@ -94,6 +94,11 @@ const UNSUPPORTED: &[&str] = &[
     "$anchor",
 ];
 
+/// Whether `k` is a validation keyword (implemented here or not).
+pub(super) fn is_validation_keyword(k: &str) -> bool {
+    UNSUPPORTED.contains(&k) || IMPLEMENTED.contains(&k)
+}
+
 /// Keywords implemented here (some only in some forms; the others fail as unsupported).
 const IMPLEMENTED: &[&str] = &[
     "not",
@@ -177,6 +182,8 @@ struct Emitter<'a> {
 
 /// Compiles `schema` (the root, for `$ref`) into rules; rule 0 is the start.
 pub(crate) fn emit(schema: &Value, whitespace: Option<&str>) -> R<Vec<RuleSrc>> {
+    let distributed = super::distribute::distribute(schema);
+    let schema = distributed.as_ref().unwrap_or(schema);
     if has_nested_id(schema, true) && has_key(schema, "$ref") {
         return Err(Fail::Unsupported(
             "`$id` in a sub-schema (a new base for `$ref`)".into(),

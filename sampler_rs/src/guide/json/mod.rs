@@ -5,6 +5,7 @@
 //! What it does not implement it reports as [`Outcome::Unsupported`]; the caller then compiles
 //! the schema with llguidance (which implements more keywords and fails closed on the rest).
 
+mod distribute;
 mod emit;
 pub(crate) mod rtn;
 
@@ -23,7 +24,7 @@ pub(crate) enum Outcome {
     /// Compiled.
     Compiled(Rtn),
     /// Not for us (a keyword or form we do not implement, or over our budgets): the reason.
-    Unsupported(#[allow(dead_code)] String),
+    Unsupported(String),
 }
 
 /// Compiles a parsed schema. `whitespace` is the whitespace pattern allowed between JSON tokens.

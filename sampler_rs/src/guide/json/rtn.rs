@@ -79,6 +79,12 @@ pub(crate) struct Rule {
     follow: [u64; 4],
     /// By (vocabulary id, normalized state): the context-free part of its mask ([`Inner`]).
     inner: Arc<InnerCache>,
+    /// By DFA state, made on first use: [`Rule::content_loop`].
+    loops: Segments<OnceLock<bool>>,
+    /// A counted rule whose element is one JSON string character, read as unescaped content
+    /// (every content character from the start completes an element, and content bytes never
+    /// end the rule): below a character boundary, content tokens are counted, not walked.
+    char_element: bool,
 }
 
 /// [`Inner`] entries by (vocabulary id, normalized state). Rules with the same pattern and
@@ -160,15 +166,19 @@ impl Rule {
             }
         }
         let (max_states, stride2) = dfa.shape();
-        Ok(Rule {
+        let mut rule = Rule {
             calls: Segments::new(max_states, stride2, 0),
+            loops: Segments::new(max_states, stride2, 0),
             callees: callees.into(),
             dfa,
             count,
             space,
             follow: fset,
             inner,
-        })
+            char_element: false,
+        };
+        rule.char_element = count.is_some() && rule.element_is_one_char();
+        Ok(rule)
     }
 
     /// The calls (callee, return state) leaving DFA state `s`.
@@ -267,7 +277,6 @@ impl Rule {
         let mut acc = vec![false; depth];
         stack[0] = st;
         acc[0] = self.dfa.is_accepting(st);
-        let mut loops: HashMap<StateId, bool> = HashMap::new();
         let mut i = 1;
         while i < nodes.len() {
             let n = &nodes[i];
@@ -299,7 +308,7 @@ impl Rule {
             if f == 0
                 && n.subtree_end as usize > i + 1
                 && trie.content_below(i)
-                && *loops.entry(t).or_insert_with(|| self.content_loop(t))
+                && self.is_content_loop(t)
             {
                 for &tok in trie.tokens_below(i) {
                     mask[(tok / 32) as usize] |= 1 << (tok % 32);
@@ -310,6 +319,54 @@ impl Rule {
             i += 1;
         }
         Inner { mask, frontier }
+    }
+
+    /// [`Rule::content_loop`], computed once per state.
+    #[inline]
+    fn is_content_loop(&self, l: StateId) -> bool {
+        if !self.loops.ensure(l) {
+            return false;
+        }
+        self.loops
+            .get(l, 0)
+            .is_some_and(|c| *c.get_or_init(|| self.content_loop(l)))
+    }
+
+    /// For a counted rule: whether every JSON string character (unescaped, valid UTF-8) read
+    /// from the element's start completes exactly one element there (no byte goes on from
+    /// it), through states that neither accept nor call, and no content byte may end the rule
+    /// (its follow set holds none).
+    fn element_is_one_char(&self) -> bool {
+        use crate::guide::trie::U8;
+        let content_follows = (0x20..=0xFFu8)
+            .filter(|&b| b != b'"' && b != b'\\')
+            .any(|b| self.follow[(b >> 6) as usize] & (1 << (b & 63)) != 0);
+        if content_follows {
+            return false;
+        }
+        let start = self.dfa.start();
+        let mut seen: Vec<(StateId, U8)> = vec![(start, U8::Boundary)];
+        let mut todo = vec![(start, U8::Boundary)];
+        while let Some((s, u)) = todo.pop() {
+            for b in 0..=255u8 {
+                let Some(v) = u.next(b) else { continue };
+                let t = self.dfa.step(s, b);
+                if t == 0 || !self.calls(t).is_empty() {
+                    return false;
+                }
+                if v == U8::Boundary {
+                    if !self.dfa.is_accepting(t) || self.dfa.can_continue(t) {
+                        return false;
+                    }
+                } else if self.dfa.is_accepting(t) {
+                    return false;
+                } else if !seen.contains(&(t, v)) {
+                    seen.push((t, v));
+                    todo.push((t, v));
+                }
+            }
+        }
+        true
     }
 
     /// Whether every JSON string character (unescaped, valid UTF-8) leads from `l` back to `l`
@@ -394,6 +451,25 @@ impl Rule {
             for &q in &sets[level[d]..level[d + 1]] {
                 self.boundary(q, n0, i as u32, &mut frontier);
                 acc[d] |= self.accepting(q);
+            }
+            // At a character boundary of a string-character element, below a subtree of pure
+            // content: a token is allowed iff the characters it starts fit the count's room.
+            if self.char_element && found == 1 && n.subtree_end as usize > i + 1 {
+                let (c, s) = self.split(sets[level[d]]);
+                if s != self.dfa.start() && self.dfa.is_accepting(s) && trie.content_below(i) {
+                    let room = self
+                        .count
+                        .and_then(|(_, max)| max)
+                        .map(|m| m.saturating_sub(c + 1));
+                    let (at, leads) = trie.leads(i);
+                    for (&tok, &l) in trie.tokens_below(i).iter().zip(leads) {
+                        if room.is_none_or(|r| u32::from(l - at) <= r) {
+                            mask[(tok / 32) as usize] |= 1 << (tok % 32);
+                        }
+                    }
+                    i = n.subtree_end as usize;
+                    continue;
+                }
             }
             i += 1;
         }
@@ -768,6 +844,22 @@ impl Rtn {
             mark[d + 1] = w.arena.len();
             for &t in trie.tokens_of(n) {
                 out[(t / 32) as usize] |= 1 << (t % 32);
+            }
+            // Every stack inside a string whose characters loop on one state (no pop, no
+            // call): a subtree of pure string content is allowed whole.
+            if n.subtree_end as usize > i + 1
+                && trie.content_below(i)
+                && sets[level[d]..].iter().all(|&top| {
+                    let x = w.arena[top as usize];
+                    let r = &self.rules[x.rule as usize];
+                    r.count.is_none() && r.flags(x.state) == 0 && r.is_content_loop(x.state)
+                })
+            {
+                for &t in trie.tokens_below(i) {
+                    out[(t / 32) as usize] |= 1 << (t % 32);
+                }
+                i = n.subtree_end as usize;
+                continue;
             }
             i += 1;
         }

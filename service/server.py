@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -104,6 +105,9 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         if guide is not None and params.guide is not None:
             fields.update(guide_engine=guide.engine, guide_kind=params.guide.kind,
                           guide_backend_requested=params.guide.requested_backend)  # fmt: skip
+            if guide.fallback_reason is not None:
+                # Why our JSON Schema compiler left it to llguidance; quoted schema text elided.
+                fields["guide_fallback"] = re.sub(r'"[^"]*"', '"…"', guide.fallback_reason)[:160]
         fields.update(params.bookkeeping)
         if params.log_prompt:
             fields["prompt"] = served.tokenizer.decode(prompt_ids)

@@ -291,6 +291,24 @@ def test_prompts_are_logged_only_with_log_prompt(servers: Servers, caplog: pytes
     assert len(loud) == 1 and "the secret is 4417" in loud[0].fields["prompt"]  # type: ignore[attr-defined]
 
 
+def test_guided_requests_log_their_engine(servers: Servers, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    def logged(schema: dict[str, Any]) -> dict[str, Any]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="tokenwire.service"):
+            r = httpx.post(f"{servers.http_url}/v1/chat/completions",
+                           json={"messages": MESSAGES, "max_tokens": 1, "guided_json": schema})  # fmt: skip
+        assert r.status_code == 200, r.text
+        (rec,) = [r for r in caplog.records if r.getMessage() == "request"]
+        return rec.fields  # type: ignore[attr-defined,no-any-return]
+
+    ours = logged({"type": "object", "properties": {"a": {"type": "integer"}}})
+    assert ours["guide_engine"] == "tokenwire-json" and "guide_fallback" not in ours
+    fallback = logged({"type": "object", "patternProperties": {"^x": {"type": "integer"}}})
+    assert fallback["guide_engine"] == "llguidance" and fallback["guide_fallback"] == "`patternProperties`"
+
+
 # -- gRPC status -> HTTP status, end to end ------------------------------------------------------------------------
 
 

@@ -20,7 +20,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use regex_automata::nfa::thompson::{self, State, NFA};
-use regex_automata::util::primitives::StateID as NfaId;
 
 use super::dfa::{error_of, repetition_copies, DfaLimits, GENERATED_NEST_LIMIT};
 use super::error::{GuideError, Result};
@@ -130,7 +129,7 @@ struct Det {
 
 /// A lazily determinized, anchored byte DFA (see the module docs).
 pub(crate) struct LazyDfa {
-    nfa: NFA,
+    nfa: Nfa,
     /// NFA states from which a match is reachable.
     live: Vec<bool>,
     classes: [u8; 256],
@@ -151,48 +150,23 @@ pub(crate) struct LazyDfa {
 impl LazyDfa {
     /// Compiles `pattern` (over bytes: `(?-u:\xFF)` may match non-UTF-8 bytes) up to the NFA;
     /// the DFA's states are made on demand, at most `limits.max_states` of them.
+    #[cfg(test)]
     pub(crate) fn build(pattern: &str, limits: &DfaLimits) -> Result<LazyDfa> {
-        let hir = regex_syntax::ParserBuilder::new()
-            .nest_limit(GENERATED_NEST_LIMIT)
-            .utf8(false)
-            .build()
-            .parse(pattern)
-            .map_err(|e| error_of(&e, false))?;
-        let copies = repetition_copies(&hir);
-        if copies > u64::from(limits.max_repetition) {
-            return Err(GuideError::TooLarge(format!(
-                "a counted repetition makes {copies} copies, over the limit of {}",
-                limits.max_repetition
-            )));
-        }
-        let nfa = thompson::Compiler::new()
-            .configure(
-                thompson::Config::new()
-                    .nfa_size_limit(Some(limits.nfa_bytes))
-                    .utf8(false)
-                    .which_captures(thompson::WhichCaptures::None),
-            )
-            .build_from_hir(&hir)
-            .map_err(|e| error_of(&e, e.size_limit().is_some()))?;
-        if !nfa.look_set_any().is_empty() {
-            return Err(GuideError::InvalidRegex(
-                "anchors and word boundaries are not supported here".into(),
-            ));
-        }
-        let live = co_reachable(&nfa);
-        let mut classes = [0u8; 256];
-        let mut reps: Vec<u8> = Vec::new();
-        for b in 0..=255u8 {
-            let c = nfa.byte_classes().get(b);
-            classes[b as usize] = c;
-            if c as usize >= reps.len() {
-                reps.resize(c as usize + 1, b);
-            }
-            reps[c as usize] = b;
-        }
+        Self::build_with(pattern, &[], limits)
+    }
+
+    /// [`LazyDfa::build`] of a pattern that may splice in `fragments` (see [`INLINE`]).
+    pub(crate) fn build_with(
+        pattern: &str,
+        fragments: &[(u32, String)],
+        limits: &DfaLimits,
+    ) -> Result<LazyDfa> {
+        let nfa = Splicer::new(fragments, limits).run(pattern)?;
+        let live = nfa.co_reachable();
+        let (classes, reps) = nfa.byte_classes();
         let stride2 = reps.len().next_power_of_two().trailing_zeros();
         let max_states = limits.max_states;
-        let n = nfa.states().len();
+        let n = nfa.states.len();
         let dfa = LazyDfa {
             live,
             classes,
@@ -224,7 +198,7 @@ impl LazyDfa {
         let mut det = dfa.lock();
         det.generation += 1;
         det.buf.clear();
-        let start = dfa.nfa.start_anchored().as_u32();
+        let start = dfa.nfa.start;
         dfa.closure(&mut det, start);
         if det.buf.is_empty() {
             return Err(GuideError::Empty);
@@ -251,26 +225,14 @@ impl LazyDfa {
                 continue;
             }
             *m = g;
-            match self.nfa.state(NfaId::new_unchecked(id as usize)) {
-                State::ByteRange { .. }
-                | State::Sparse(_)
-                | State::Dense(_)
-                | State::Match { .. } => {
+            match &self.nfa.states[id as usize] {
+                St::Range(..) | St::Sparse(_) | St::Match => {
                     if self.live[id as usize] {
                         det.buf.push(id);
                     }
                 }
-                State::Union { alternates } => {
-                    det.stack
-                        .extend(alternates.iter().rev().map(|s| s.as_u32()));
-                }
-                State::BinaryUnion { alt1, alt2 } => {
-                    det.stack.push(alt2.as_u32());
-                    det.stack.push(alt1.as_u32());
-                }
-                State::Capture { next, .. } => det.stack.push(next.as_u32()),
-                // Rejected at build (no look-around); a failing state matches nothing.
-                State::Look { .. } | State::Fail => {}
+                St::Split(next) => det.stack.extend(next.iter().rev()),
+                St::Fail => {}
             }
         }
     }
@@ -294,8 +256,8 @@ impl LazyDfa {
         }
         let mut bits = 0;
         for &n in &set {
-            match self.nfa.state(NfaId::new_unchecked(n as usize)) {
-                State::Match { .. } => bits |= ACCEPT,
+            match self.nfa.states[n as usize] {
+                St::Match => bits |= ACCEPT,
                 _ => bits |= CONTINUE,
             }
         }
@@ -339,14 +301,16 @@ impl LazyDfa {
         let k = (s >> self.stride2) as usize;
         let set = std::mem::take(&mut det.sets[k]);
         for &n in set.iter() {
-            let next = match self.nfa.state(NfaId::new_unchecked(n as usize)) {
-                State::ByteRange { trans } => trans.matches_byte(b).then_some(trans.next),
-                State::Sparse(t) => t.matches_byte(b),
-                State::Dense(t) => t.matches_byte(b),
+            let next = match &self.nfa.states[n as usize] {
+                St::Range(lo, hi, next) => (*lo..=*hi).contains(&b).then_some(*next),
+                St::Sparse(t) => t
+                    .iter()
+                    .find(|(lo, hi, _)| (*lo..=*hi).contains(&b))
+                    .map(|x| x.2),
                 _ => None,
             };
             if let Some(next) = next {
-                self.closure(&mut det, next.as_u32());
+                self.closure(&mut det, next);
             }
         }
         det.sets[k] = set;
@@ -436,44 +400,305 @@ impl LazyDfa {
     }
 }
 
-/// NFA states from which a `Match` state is reachable.
-fn co_reachable(nfa: &NFA) -> Vec<bool> {
-    let n = nfa.states().len();
-    let mut rev: Vec<Vec<u32>> = vec![Vec::new(); n];
-    let mut live = vec![false; n];
-    let mut todo = Vec::new();
-    for (i, st) in nfa.states().iter().enumerate() {
-        let mut edge = |t: NfaId| rev[t.as_usize()].push(i as u32);
-        match st {
-            State::ByteRange { trans } => edge(trans.next),
-            State::Sparse(t) => t.transitions.iter().for_each(|x| edge(x.next)),
-            State::Dense(t) => t
-                .transitions
-                .iter()
-                .filter(|x| **x != NfaId::ZERO)
-                .for_each(|&x| edge(x)),
-            State::Look { next, .. } | State::Capture { next, .. } => edge(*next),
-            State::Union { alternates } => alternates.iter().for_each(|&x| edge(x)),
-            State::BinaryUnion { alt1, alt2 } => {
-                edge(*alt1);
-                edge(*alt2);
+/// Fragment markers, `\xFD\xHH\xLL` and `\xFE\xHH\xLL` (bytes never in UTF-8 text), splice
+/// fragment `0xHHLL` into a rule's NFA. `INLINE` enters a *group*: the fragment runs, and
+/// where it matches the pattern goes on after the marker. `JUMP`, only inside a fragment and
+/// only at its end, goes to another fragment of the same group, whose matches then end the
+/// group. All fragments of a group end where the group does, so one referenced from several
+/// places of a group is spliced once: the JSON Schema compiler writes an object's optional
+/// members as fragments (member `i`, then a jump to the rest from `i + 1`) without copying the
+/// rest into every branch — linear where a regex is quadratic.
+pub(crate) const INLINE: u8 = 0xFD;
+/// See [`INLINE`].
+pub(crate) const JUMP: u8 = 0xFE;
+
+/// Most NFA states of a rule with its fragments spliced in.
+const MAX_NFA_STATES: usize = 4 << 20;
+
+/// Our NFA: `regex-automata`'s Thompson NFAs of a pattern and its fragments, spliced, in a
+/// compact form.
+struct Nfa {
+    states: Vec<St>,
+    start: u32,
+}
+
+enum St {
+    /// A byte in `lo..=hi`, then `next`.
+    Range(u8, u8, u32),
+    Sparse(Box<[(u8, u8, u32)]>),
+    /// Epsilon moves.
+    Split(Box<[u32]>),
+    Match,
+    Fail,
+}
+
+impl Nfa {
+    /// States from which a `Match` is reachable.
+    fn co_reachable(&self) -> Vec<bool> {
+        let n = self.states.len();
+        let mut rev: Vec<Vec<u32>> = vec![Vec::new(); n];
+        let mut live = vec![false; n];
+        let mut todo = Vec::new();
+        for (i, st) in self.states.iter().enumerate() {
+            let i = i as u32;
+            match st {
+                St::Range(_, _, t) => rev[*t as usize].push(i),
+                St::Sparse(ts) => ts.iter().for_each(|x| rev[x.2 as usize].push(i)),
+                St::Split(ts) => ts.iter().for_each(|&t| rev[t as usize].push(i)),
+                St::Match => {
+                    live[i as usize] = true;
+                    todo.push(i);
+                }
+                St::Fail => {}
             }
-            State::Match { .. } => {
-                live[i] = true;
-                todo.push(i as u32);
+        }
+        while let Some(t) = todo.pop() {
+            for &s in &rev[t as usize] {
+                if !live[s as usize] {
+                    live[s as usize] = true;
+                    todo.push(s);
+                }
             }
-            State::Fail => {}
+        }
+        live
+    }
+
+    /// Byte → class (bytes that no transition tells apart share one), and a byte of each.
+    fn byte_classes(&self) -> ([u8; 256], Vec<u8>) {
+        let mut cut = [false; 257];
+        let mut mark = |lo: u8, hi: u8| {
+            cut[lo as usize] = true;
+            cut[hi as usize + 1] = true;
+        };
+        for st in &self.states {
+            match st {
+                St::Range(lo, hi, _) => mark(*lo, *hi),
+                St::Sparse(ts) => ts.iter().for_each(|x| mark(x.0, x.1)),
+                _ => {}
+            }
+        }
+        let mut classes = [0u8; 256];
+        let mut reps = vec![0u8];
+        for (b, c) in classes.iter_mut().enumerate().skip(1) {
+            if cut[b] {
+                reps.push(b as u8);
+            }
+            *c = (reps.len() - 1) as u8;
+        }
+        (classes, reps)
+    }
+}
+
+/// Builds an [`Nfa`] from a pattern and the fragments it may splice in.
+struct Splicer<'a> {
+    fragments: &'a [(u32, String)],
+    limits: &'a DfaLimits,
+    /// Compiled fragments, by id.
+    compiled: HashMap<u32, NFA>,
+    out: Vec<St>,
+    /// (fragment, group exit) → entry state.
+    entries: HashMap<(u32, u32), u32>,
+    /// Split states waiting for a fragment's entry: (state, fragment, group exit).
+    pending: Vec<(u32, u32, u32)>,
+}
+
+type NfaState = regex_automata::util::primitives::StateID;
+
+impl<'a> Splicer<'a> {
+    fn new(fragments: &'a [(u32, String)], limits: &'a DfaLimits) -> Self {
+        Splicer {
+            fragments,
+            limits,
+            compiled: HashMap::new(),
+            out: Vec::new(),
+            entries: HashMap::new(),
+            pending: Vec::new(),
         }
     }
-    while let Some(t) = todo.pop() {
-        for &s in &rev[t as usize] {
-            if !live[s as usize] {
-                live[s as usize] = true;
-                todo.push(s);
-            }
+
+    fn compile(&self, pattern: &str) -> Result<NFA> {
+        let hir = regex_syntax::ParserBuilder::new()
+            .nest_limit(GENERATED_NEST_LIMIT)
+            .utf8(false)
+            .build()
+            .parse(pattern)
+            .map_err(|e| error_of(&e, false))?;
+        let copies = repetition_copies(&hir);
+        if copies > u64::from(self.limits.max_repetition) {
+            return Err(GuideError::TooLarge(format!(
+                "a counted repetition makes {copies} copies, over the limit of {}",
+                self.limits.max_repetition
+            )));
         }
+        let nfa = thompson::Compiler::new()
+            .configure(
+                thompson::Config::new()
+                    .nfa_size_limit(Some(self.limits.nfa_bytes))
+                    .utf8(false)
+                    .which_captures(thompson::WhichCaptures::None),
+            )
+            .build_from_hir(&hir)
+            .map_err(|e| error_of(&e, e.size_limit().is_some()))?;
+        if !nfa.look_set_any().is_empty() {
+            return Err(GuideError::InvalidRegex(
+                "anchors and word boundaries are not supported here".into(),
+            ));
+        }
+        Ok(nfa)
     }
-    live
+
+    fn run(mut self, pattern: &str) -> Result<Nfa> {
+        let main = self.compile(pattern)?;
+        let start = self.splice(&main, None)?;
+        while let Some((at, frag, exit)) = self.pending.pop() {
+            let entry = match self.entries.get(&(frag, exit)) {
+                Some(&e) => e,
+                None => {
+                    let nfa = match self.compiled.remove(&frag) {
+                        Some(n) => n,
+                        None => {
+                            let text =
+                                self.fragments.iter().find(|f| f.0 == frag).ok_or_else(|| {
+                                    GuideError::Invalid(format!("no fragment {frag}"))
+                                })?;
+                            self.compile(&text.1)?
+                        }
+                    };
+                    let e = self.splice(&nfa, Some(exit));
+                    self.compiled.insert(frag, nfa);
+                    let e = e?;
+                    self.entries.insert((frag, exit), e);
+                    e
+                }
+            };
+            self.out[at as usize] = St::Split(Box::new([entry]));
+        }
+        Ok(Nfa {
+            states: self.out,
+            start,
+        })
+    }
+
+    /// Appends `nfa`'s states; `exit`: where its matches go (`None`: they are the rule's
+    /// matches). Returns its entry state.
+    fn splice(&mut self, nfa: &NFA, exit: Option<u32>) -> Result<u32> {
+        let base = self.out.len() as u32;
+        if self.out.len() + nfa.states().len() > MAX_NFA_STATES {
+            return Err(GuideError::TooLarge(format!(
+                "the rule's NFA has more than {MAX_NFA_STATES} states"
+            )));
+        }
+        let id = |s: NfaState| base + s.as_u32();
+        // The fragment and the state after a marker whose first byte leads to `next`.
+        let marker = |next: NfaState| -> Result<(u32, u32)> {
+            let byte = |s| match nfa.state(s) {
+                State::ByteRange { trans } if trans.start == trans.end => {
+                    Ok((trans.start, trans.next))
+                }
+                _ => Err(GuideError::Invalid("a malformed fragment marker".into())),
+            };
+            let (hi, s2) = byte(next)?;
+            let (lo, s3) = byte(s2)?;
+            Ok(((u32::from(hi) << 8) | u32::from(lo), id(s3)))
+        };
+        let len = nfa.states().len() as u32;
+        // States made beside the fragment's own (after them): a marker among other bytes.
+        let mut extra: Vec<St> = Vec::new();
+        let mut pending = Vec::new();
+        for st in nfa.states() {
+            let trans: Vec<(u8, u8, NfaState)> = match st {
+                State::ByteRange { trans } => vec![(trans.start, trans.end, trans.next)],
+                State::Sparse(t) => t
+                    .transitions
+                    .iter()
+                    .map(|x| (x.start, x.end, x.next))
+                    .collect(),
+                State::Dense(t) => {
+                    let mut ts: Vec<(u8, u8, NfaState)> = Vec::new();
+                    for (b, &n) in t.transitions.iter().enumerate() {
+                        if n.as_usize() == 0 {
+                            continue;
+                        }
+                        match ts.last_mut() {
+                            Some(l) if l.2 == n && usize::from(l.1) + 1 == b => l.1 = b as u8,
+                            _ => ts.push((b as u8, b as u8, n)),
+                        }
+                    }
+                    ts
+                }
+                _ => Vec::new(),
+            };
+            let new = if matches!(
+                st,
+                State::ByteRange { .. } | State::Sparse(_) | State::Dense(_)
+            ) {
+                let mut bytes = Vec::new();
+                let mut jumps = Vec::new();
+                for (lo, hi, next) in trans {
+                    // (A class that merely includes a marker byte, as the NFA's unanchored prefix
+                    // `\x00-\xFF` does, unreachable here, is data.)
+                    if lo == hi && (lo == INLINE || lo == JUMP) {
+                        let (frag, after) = marker(next)?;
+                        // A group ends after the marker that entered it; a jump keeps the end
+                        // of the group it is in.
+                        let group_exit = if lo == INLINE {
+                            after
+                        } else {
+                            exit.ok_or_else(|| {
+                                GuideError::Invalid("a jump outside a group".into())
+                            })?
+                        };
+                        jumps.push((frag, group_exit));
+                    } else {
+                        bytes.push((lo, hi, id(next)));
+                    }
+                }
+                let plain = |bytes: Vec<(u8, u8, u32)>| match bytes.as_slice() {
+                    [(lo, hi, n)] => St::Range(*lo, *hi, *n),
+                    _ => St::Sparse(bytes.into()),
+                };
+                if jumps.is_empty() {
+                    plain(bytes)
+                } else {
+                    let mut alts = Vec::new();
+                    for (frag, group_exit) in jumps {
+                        let at = base + len + extra.len() as u32;
+                        extra.push(St::Split(Box::new([])));
+                        pending.push((at, frag, group_exit));
+                        alts.push(at);
+                    }
+                    if !bytes.is_empty() {
+                        alts.push(base + len + extra.len() as u32);
+                        extra.push(plain(bytes));
+                    }
+                    St::Split(alts.into())
+                }
+            } else {
+                match st {
+                    State::Union { alternates } => {
+                        St::Split(alternates.iter().map(|&x| id(x)).collect())
+                    }
+                    State::BinaryUnion { alt1, alt2 } => {
+                        St::Split(Box::new([id(*alt1), id(*alt2)]))
+                    }
+                    State::Capture { next, .. } => St::Split(Box::new([id(*next)])),
+                    State::Look { .. } => {
+                        return Err(GuideError::InvalidRegex("look-around".into()));
+                    }
+                    State::Fail => St::Fail,
+                    State::Match { .. } => match exit {
+                        None => St::Match,
+                        Some(e) => St::Split(Box::new([e])),
+                    },
+                    _ => St::Fail,
+                }
+            };
+            self.out.push(new);
+        }
+        self.out.extend(extra);
+        self.pending.extend(pending);
+        Ok(id(nfa.start_anchored()))
+    }
 }
 
 /// Checks that [`LazyDfa`] and the eager tables of [`super::dfa::DfaGuide`] agree on `pattern`
@@ -514,6 +739,36 @@ pub(crate) fn agrees_with_eager(
         }
     }
     Ok(true)
+}
+
+/// Whether two lazy DFAs accept the same language (a product walk from their starts, at most
+/// `max_pairs` pairs): the first difference found, if any.
+#[cfg(test)]
+pub(crate) fn same_language(
+    a: &LazyDfa,
+    b: &LazyDfa,
+    max_pairs: usize,
+) -> std::result::Result<(), String> {
+    let mut seen = std::collections::HashSet::new();
+    let mut todo = vec![(a.start(), b.start(), Vec::new())];
+    seen.insert((a.start(), b.start()));
+    while let Some((x, y, path)) = todo.pop() {
+        if a.is_accepting(x) != b.is_accepting(y) {
+            return Err(format!("after {path:?}: accepting in one only"));
+        }
+        for c in 0..=255u8 {
+            let (x2, y2) = (a.step(x, c), b.step(y, c));
+            if (x2 == DEAD) != (y2 == DEAD) {
+                return Err(format!("after {path:?}: byte {c:#04x} dead in one only"));
+            }
+            if x2 != DEAD && seen.len() < max_pairs && seen.insert((x2, y2)) {
+                let mut p = path.clone();
+                p.push(c);
+                todo.push((x2, y2, p));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -31,9 +31,15 @@ use super::rtn::MARKER;
 pub(crate) const INLINE_COUNT: u32 = 8;
 /// Sub-schemas whose pattern is longer than this become rules of their own.
 const INLINE_BYTES: usize = 400;
-/// Most bytes of one object's members' pattern (quadratic in its optional members); past it
-/// the schema goes to llguidance (its DFA would take long to build).
+/// Most bytes of one object's members' pattern (with its fragments); past it the schema goes to
+/// llguidance.
 const OBJECT_INLINE_BYTES: usize = 32 << 10;
+/// An object's members' pattern past this many bytes is written as fragments instead (see
+/// `Emitter::object_fragments`).
+const OBJECT_FLAT_BYTES: usize = 1 << 10;
+/// Fragment markers (see `LazyDfa`): enter a group of fragments, jump within one.
+const INLINE: u8 = super::super::lazy::INLINE;
+const JUMP: u8 = super::super::lazy::JUMP;
 /// Most rules a schema may compile to.
 const MAX_RULES: usize = 4096;
 /// Most pattern bytes, all rules together (DFA builds take ~1 µs per pattern byte); past it
@@ -69,6 +75,8 @@ pub(crate) struct RuleSrc {
     pub count: Option<(u32, Option<u32>)>,
     /// The bytes that may follow the rule where it is called (`None`: any).
     pub follow: Option<Vec<u8>>,
+    /// The fragments its pattern splices in (directly or through other fragments), by id.
+    pub fragments: Vec<(u32, String)>,
 }
 
 /// Keywords of JSON Schema's validation vocabularies (all drafts) that this compiler does not
@@ -139,9 +147,13 @@ const NUMBER: &str = r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?";
 const INTEGER: &str = r"-?(?:0|[1-9][0-9]*)";
 
 fn marker(id: u32) -> String {
+    marker_of(MARKER, id)
+}
+
+fn marker_of(byte: u8, id: u32) -> String {
     format!(
         "(?-u:\\x{:02X}\\x{:02X}\\x{:02X})",
-        MARKER,
+        byte,
         (id >> 8) & 0xFF,
         id & 0xFF
     )
@@ -149,7 +161,20 @@ fn marker(id: u32) -> String {
 
 /// The callees named by the markers in `pattern`.
 pub(crate) fn callees_of(pattern: &str) -> Vec<u32> {
-    let needle = "(?-u:\\xFF\\x";
+    ids_of(pattern, MARKER)
+}
+
+/// The fragments (see [`INLINE`], [`JUMP`]) named in `pattern`.
+fn fragments_of(pattern: &str) -> Vec<u32> {
+    let mut v = ids_of(pattern, INLINE);
+    v.extend(ids_of(pattern, JUMP));
+    v
+}
+
+/// The ids named by `byte`'s markers in `pattern`.
+fn ids_of(pattern: &str, byte: u8) -> Vec<u32> {
+    let needle = format!("(?-u:\\x{byte:02X}\\x");
+    let needle = needle.as_str();
     let mut out = BTreeSet::new();
     let mut rest = pattern;
     while let Some(i) = rest.find(needle) {
@@ -178,6 +203,8 @@ struct Emitter<'a> {
     w_first: Option<Vec<u8>>,
     pattern_bytes: usize,
     depth: u32,
+    /// Fragments by id (see [`INLINE`]).
+    fragments: Vec<String>,
 }
 
 /// Compiles `schema` (the root, for `$ref`) into rules; rule 0 is the start.
@@ -200,6 +227,7 @@ pub(crate) fn emit(schema: &Value, whitespace: Option<&str>) -> R<Vec<RuleSrc>> 
         w_first: whitespace.map_or(Some(Vec::new()), first_bytes),
         pattern_bytes: 0,
         depth: 0,
+        fragments: Vec::new(),
     };
     let body = e.value(schema)?;
     e.set_rule(0, body, None)?;
@@ -207,9 +235,29 @@ pub(crate) fn emit(schema: &Value, whitespace: Option<&str>) -> R<Vec<RuleSrc>> 
     // once per process, for every schema).
     e.any()?;
     e.plain_string()?;
+    let fragments = std::mem::take(&mut e.fragments);
     e.rules
         .into_iter()
-        .map(|r| r.ok_or_else(|| Fail::Unsupported("an unfinished rule".into())))
+        .map(|r| {
+            let mut r = r.ok_or_else(|| Fail::Unsupported("an unfinished rule".into()))?;
+            // A rule's fragments, and the calls made from them.
+            let mut todo = fragments_of(&r.pattern);
+            let mut seen = BTreeSet::new();
+            while let Some(f) = todo.pop() {
+                if seen.insert(f) {
+                    let text = &fragments[f as usize];
+                    todo.extend(fragments_of(text));
+                    r.callees.extend(callees_of(text));
+                }
+            }
+            r.callees.sort_unstable();
+            r.callees.dedup();
+            r.fragments = seen
+                .into_iter()
+                .map(|f| (f, fragments[f as usize].clone()))
+                .collect();
+            Ok(r)
+        })
         .collect()
 }
 
@@ -351,13 +399,76 @@ impl<'a> Emitter<'a> {
             callees,
             count,
             follow,
+            fragments: Vec::new(),
         });
         Ok(())
     }
 
+    /// A new fragment (see [`INLINE`]); its id.
+    fn fragment(&mut self, text: String) -> R<u32> {
+        self.pattern_bytes += text.len();
+        if self.pattern_bytes > MAX_PATTERN_BYTES {
+            return Err(Fail::TooLarge(format!(
+                "the schema's patterns exceed {MAX_PATTERN_BYTES} bytes"
+            )));
+        }
+        if self.fragments.len() > 0xFFFF {
+            return Err(Fail::TooLarge("too many fragments".into()));
+        }
+        self.fragments.push(text);
+        Ok((self.fragments.len() - 1) as u32)
+    }
+
+    /// The length of `text` with the fragments it splices in (each counted once), up to `cap`.
+    fn expanded_len(&self, text: &str, cap: usize) -> usize {
+        let mut len = text.len();
+        let mut todo = fragments_of(text);
+        let mut seen = BTreeSet::new();
+        while let Some(f) = todo.pop() {
+            if len > cap {
+                break;
+            }
+            if seen.insert(f) {
+                let t = &self.fragments[f as usize];
+                len += t.len();
+                todo.extend(fragments_of(t));
+            }
+        }
+        len
+    }
+
+    /// [`object_body`] as fragments (linear in the members where the flat pattern is
+    /// quadratic): `rest[i]` is what may follow once something was written, from item `i` on,
+    /// written once and jumped to; the heads (each way to write the first member) jump into it.
+    /// Returns the members' pattern (a marker entering the heads).
+    fn object_fragments(&mut self, items: &[(String, bool)], extra: Option<&str>) -> R<String> {
+        let w = self.w.clone();
+        let sep = format!("{w},{w}");
+        let mut rest = vec![0u32; items.len() + 1];
+        let tail = extra.map_or(String::new(), |x| format!("(?:{sep}{x})*"));
+        rest[items.len()] = self.fragment(tail)?;
+        for i in (0..items.len()).rev() {
+            let (p, req) = &items[i];
+            let next = marker_of(JUMP, rest[i + 1]);
+            let body = if *req {
+                format!("{sep}{p}{next}")
+            } else {
+                format!("(?:{sep}{p})?{next}")
+            };
+            rest[i] = self.fragment(body)?;
+        }
+        let heads: Vec<String> = (0..items.len())
+            .map(|i| format!("{}{}", items[i].0, marker_of(JUMP, rest[i + 1])))
+            .collect();
+        let first = extra.map(|x| format!("{x}{}", marker_of(JUMP, rest[items.len()])));
+        let (alts, _) = first_member(items, heads, first);
+        let entry = self.fragment(alts)?;
+        Ok(marker_of(INLINE, entry))
+    }
+
     /// A pattern that matches `body` as a rule of its own when it is large.
     fn maybe_call(&mut self, body: String) -> R<String> {
-        if body.len() <= INLINE_BYTES {
+        if self.expanded_len(&body, INLINE_BYTES + 1) <= INLINE_BYTES {
             return Ok(body);
         }
         let id = self.new_rule()?;
@@ -1002,11 +1113,28 @@ impl<'a> Emitter<'a> {
             )),
             None => None,
         };
-        let (body, nullable) = object_body(&items, extra.as_deref(), &w);
-        if body.len() > OBJECT_INLINE_BYTES {
+        // The flat pattern repeats the members after each possible first one: about
+        // (ways to start) x (all members) bytes.
+        let starts = items
+            .iter()
+            .position(|x| x.1)
+            .map_or(items.len() + 1, |i| i + 1);
+        let all: usize = items
+            .iter()
+            .map(|x| x.0.len() + 2 * w.len() + 8)
+            .sum::<usize>()
+            + extra.as_ref().map_or(0, String::len);
+        let (body, nullable) = if starts.saturating_mul(all) > OBJECT_FLAT_BYTES {
+            let (_, nullable) =
+                first_member(&items, vec![String::new(); items.len()], extra.clone());
+            (self.object_fragments(&items, extra.as_deref())?, nullable)
+        } else {
+            object_body(&items, extra.as_deref(), &w)
+        };
+        let len = self.expanded_len(&body, OBJECT_INLINE_BYTES + 1);
+        if len > OBJECT_INLINE_BYTES {
             return Err(Fail::TooLarge(format!(
-                "an object whose members' pattern is {} bytes (over {OBJECT_INLINE_BYTES})",
-                body.len()
+                "an object whose members' pattern is over {OBJECT_INLINE_BYTES} bytes"
             )));
         }
         Ok(wrap("\\{", "\\}", &body, nullable, &w))
@@ -1533,4 +1661,38 @@ fn transform(h: &Hir) -> R<Hir> {
             Hir::alternation(v.iter().map(transform).collect::<R<Vec<_>>>()?)
         }
     })
+}
+
+/// An object's members both ways, for tests: the flat pattern, and the fragments' entry marker
+/// with the fragments.
+#[cfg(test)]
+pub(crate) fn members_both_ways(
+    items: &[(String, bool)],
+    extra: Option<&str>,
+    whitespace: Option<&str>,
+) -> (String, String, Vec<(u32, String)>) {
+    let root = Value::Null;
+    let mut e = Emitter {
+        root: &root,
+        w: whitespace.map_or(String::new(), |w| format!("(?:{w})?")),
+        rules: Vec::new(),
+        ref_rules: HashMap::new(),
+        expanding: Vec::new(),
+        any_rule: None,
+        string_rules: HashMap::new(),
+        w_first: None,
+        pattern_bytes: 0,
+        depth: 0,
+        fragments: Vec::new(),
+    };
+    let w = e.w.clone();
+    let (flat, _) = object_body(items, extra, &w);
+    let entry = e.object_fragments(items, extra).unwrap_or_default();
+    let frags = e
+        .fragments
+        .into_iter()
+        .enumerate()
+        .map(|(i, f)| (i as u32, f))
+        .collect();
+    (flat, entry, frags)
 }

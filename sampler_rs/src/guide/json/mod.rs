@@ -78,8 +78,13 @@ pub(crate) fn compile(vocab: &VocabCore, schema: &Value, whitespace: Option<&str
 /// sub-schemas). The flag marks the built-in rules that [`clear_caches`] keeps.
 type RuleCache = HashMap<RuleKey, (Arc<Rule>, bool)>;
 
-/// (pattern, count, follow bytes)
-type RuleKey = (String, Option<(u32, Option<u32>)>, Option<Vec<u8>>);
+/// (pattern, its fragments, count, follow bytes)
+type RuleKey = (
+    String,
+    Vec<(u32, String)>,
+    Option<(u32, Option<u32>)>,
+    Option<Vec<u8>>,
+);
 
 /// The shared [`InnerCache`]s, by (pattern, follow bytes), with the same flag.
 type InnerCaches = HashMap<(String, Option<Vec<u8>>), (Arc<InnerCache>, bool)>;
@@ -106,16 +111,16 @@ pub(crate) fn clear_caches() {
 }
 
 fn rule(src: emit::RuleSrc, limits: &DfaLimits, builtin: bool) -> Result<Arc<Rule>, String> {
-    let key = (src.pattern, src.count, src.follow);
+    let key = (src.pattern, src.fragments, src.count, src.follow);
     if let Some(r) = lock(&RULES).get(&key) {
         return Ok(r.0.clone());
     }
-    let dfa =
-        LazyDfa::build(&key.0, limits).map_err(|e| format!("a rule does not compile: {e}"))?;
+    let dfa = LazyDfa::build_with(&key.0, &key.1, limits)
+        .map_err(|e| format!("a rule does not compile: {e}"))?;
     // Masks cached by state are shared by rules of the same pattern only where states are
     // numbered the same in each: counted rules, whose DFAs are made whole in breadth-first
     // order. A lazily made DFA numbers states in the order walks reach them.
-    let inner = if key.1.is_none() {
+    let inner = if key.2.is_none() {
         Arc::default()
     } else {
         let mut m = lock(&INNERS);
@@ -123,13 +128,13 @@ fn rule(src: emit::RuleSrc, limits: &DfaLimits, builtin: bool) -> Result<Arc<Rul
             m.retain(|_, v| v.1);
         }
         let e = m
-            .entry((key.0.clone(), key.2.clone()))
+            .entry((key.0.clone(), key.3.clone()))
             .or_insert_with(|| (Arc::default(), builtin));
         e.1 |= builtin;
         e.0.clone()
     };
     let r = Arc::new(
-        Rule::new(dfa, &src.callees, key.1, key.2.as_deref(), inner).map_err(|e| e.to_string())?,
+        Rule::new(dfa, &src.callees, key.2, key.3.as_deref(), inner).map_err(|e| e.to_string())?,
     );
     let mut c = lock(&RULES);
     if c.len() >= RULE_CACHE_ENTRIES {
@@ -139,11 +144,17 @@ fn rule(src: emit::RuleSrc, limits: &DfaLimits, builtin: bool) -> Result<Arc<Rul
     Ok(r)
 }
 
-/// The patterns of the rules `schema` compiles to (none if it is not for us), for tests.
+/// The patterns of the rules `schema` compiles to (none if it is not for us) that splice in
+/// no fragments (a plain regex), for tests.
 #[cfg(test)]
 pub(crate) fn rule_patterns(schema: &Value) -> Vec<String> {
     emit::emit(schema, Some("[ ]"))
-        .map(|v| v.into_iter().map(|r| r.pattern).collect())
+        .map(|v| {
+            v.into_iter()
+                .filter(|r| r.fragments.is_empty())
+                .map(|r| r.pattern)
+                .collect()
+        })
         .unwrap_or_default()
 }
 

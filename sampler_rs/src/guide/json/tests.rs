@@ -406,3 +406,56 @@ fn integer_ranges_are_exact() {
         assert_eq!(accepts(&g, "99999999999999"), hi.is_none(), "{s}");
     }
 }
+
+#[test]
+fn object_fragments_match_the_flat_pattern() {
+    use super::super::dfa::DfaLimits;
+    use super::super::lazy::{same_language, LazyDfa};
+    let m = |k: &str, v: &str| format!("\"{k}\":{v}");
+    type Items = Vec<(String, bool)>;
+    let shapes: Vec<(Items, Option<&str>)> = vec![
+        (
+            (0..6)
+                .map(|i| (m(&format!("k{i}"), "[0-9]"), false))
+                .collect(),
+            None,
+        ),
+        (
+            (0..6).map(|i| (m(&format!("k{i}"), "x"), i == 3)).collect(),
+            Some("\"z\":y"),
+        ),
+        (
+            (0..4)
+                .map(|i| (m(&format!("k{i}"), "(?:a|bb)"), true))
+                .collect(),
+            Some("\"z\":y"),
+        ),
+        (vec![], Some("\"z\":y")),
+        (
+            (0..5)
+                .map(|i| (m(&format!("k{i}"), "\\{(?:q)?\\}"), i % 2 == 0))
+                .collect(),
+            None,
+        ),
+    ];
+    for ws in [None, Some(" ")] {
+        for (items, extra) in &shapes {
+            let (flat, entry, frags) = emit::members_both_ways(items, *extra, ws);
+            // As an object, and followed by more pattern (a group must end where it was entered).
+            for (a, b) in [
+                (
+                    format!("\\{{(?:{flat})?\\}}"),
+                    format!("\\{{(?:{entry})?\\}}"),
+                ),
+                (format!("(?:{flat})!(?:{flat})"), format!("{entry}!{entry}")),
+            ] {
+                let limits = DfaLimits::default();
+                let x =
+                    LazyDfa::build_with(&a, &[], &limits).unwrap_or_else(|e| panic!("{a}: {e}"));
+                let y = LazyDfa::build_with(&b, &frags, &limits)
+                    .unwrap_or_else(|e| panic!("{b} {frags:?}: {e}"));
+                same_language(&x, &y, 200_000).unwrap_or_else(|e| panic!("{a} vs {b}: {e}"));
+            }
+        }
+    }
+}

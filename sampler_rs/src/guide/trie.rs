@@ -20,7 +20,7 @@ pub(crate) struct Node {
 }
 
 /// A flat trie over the non-empty bytes of the ordinary (non-special) tokens of a vocabulary.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct TokenTrie {
     nodes: Vec<Node>,
     token_ids: Vec<TokenId>,
@@ -30,7 +30,12 @@ pub struct TokenTrie {
     content: std::sync::OnceLock<Vec<bool>>,
     /// See [`TokenTrie::leads`].
     leads: std::sync::OnceLock<Leads>,
+    /// See [`TokenTrie::within`].
+    within: std::sync::Mutex<std::collections::HashMap<[u64; 4], std::sync::Arc<Vec<u64>>>>,
 }
+
+/// Most byte classes [`TokenTrie::within`] keeps tables for (per vocabulary).
+const WITHIN_CLASSES: usize = 256;
 
 /// Characters started (bytes that are not UTF-8 continuation bytes) on the path to each node,
 /// and the same for each slot of `token_ids` (its token's end node).
@@ -153,6 +158,7 @@ impl TokenTrie {
             max_depth,
             content: std::sync::OnceLock::new(),
             leads: std::sync::OnceLock::new(),
+            within: Default::default(),
         }
     }
 
@@ -218,6 +224,41 @@ impl TokenTrie {
         });
         let (from, to) = self.below_range(i);
         (l.node[i], &l.slot[from..to])
+    }
+
+    /// For a byte set `class` (a bitset): a bitset over nodes, set where every byte below the
+    /// node is in `class`. Built once per class (at most [`WITHIN_CLASSES`] of them; `None`
+    /// past that).
+    pub(crate) fn within(&self, class: &[u64; 4]) -> Option<std::sync::Arc<Vec<u64>>> {
+        let mut m = self.within.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = m.get(class) {
+            return Some(t.clone());
+        }
+        if m.len() >= WITHIN_CLASSES {
+            return None;
+        }
+        let n = self.nodes.len();
+        let mut bits = vec![u64::MAX; n.div_ceil(64)];
+        let mut parent = vec![0usize; n];
+        let mut path: Vec<usize> = vec![0];
+        for (i, node) in self.nodes.iter().enumerate().skip(1) {
+            let d = node.depth as usize;
+            path.truncate(d);
+            parent[i] = path[d - 1];
+            path.push(i);
+        }
+        for i in (1..n).rev() {
+            let b = self.nodes[i].byte;
+            let ok = class[(b >> 6) as usize] & (1 << (b & 63)) != 0
+                && bits[i / 64] & (1 << (i % 64)) != 0;
+            if !ok {
+                let p = parent[i];
+                bits[p / 64] &= !(1 << (p % 64));
+            }
+        }
+        let t = std::sync::Arc::new(bits);
+        m.insert(*class, t.clone());
+        Some(t)
     }
 
     fn below_range(&self, i: usize) -> (usize, usize) {

@@ -81,6 +81,8 @@ pub(crate) struct Rule {
     inner: Arc<InnerCache>,
     /// By DFA state, made on first use: [`Rule::content_loop`].
     loops: Segments<OnceLock<bool>>,
+    /// By DFA state, made on first use: [`Rule::self_loop`].
+    self_loops: Segments<OnceLock<[u64; 4]>>,
     /// A counted rule whose element is one JSON string character, read as unescaped content
     /// (every content character from the start completes an element, and content bytes never
     /// end the rule): below a character boundary, content tokens are counted, not walked.
@@ -169,6 +171,7 @@ impl Rule {
         let mut rule = Rule {
             calls: Segments::new(max_states, stride2, 0),
             loops: Segments::new(max_states, stride2, 0),
+            self_loops: Segments::new(max_states, stride2, 0),
             callees: callees.into(),
             dfa,
             count,
@@ -303,13 +306,9 @@ impl Rule {
             if f & CALLS != 0 {
                 frontier.push(Front::Call(i as u32, 0, t));
             }
-            // Inside a string whose characters loop on one state: every token below made of
-            // string content is allowed, without walking it.
-            if f == 0
-                && n.subtree_end as usize > i + 1
-                && trie.content_below(i)
-                && self.is_content_loop(t)
-            {
+            // Inside a loop (string content, or bytes looping on one state): every token
+            // below is allowed, without walking it.
+            if f == 0 && n.subtree_end as usize > i + 1 && self.takes_subtree(trie, t, i) {
                 for &tok in trie.tokens_below(i) {
                     mask[(tok / 32) as usize] |= 1 << (tok % 32);
                 }
@@ -319,6 +318,49 @@ impl Rule {
             i += 1;
         }
         Inner { mask, frontier }
+    }
+
+    /// The bytes that lead from `s` back to `s` when `s` neither accepts nor calls (a bit set;
+    /// empty otherwise): below a trie node reached in `s`, a subtree made of these bytes only
+    /// is allowed whole. Computed once per state.
+    fn self_loop(&self, s: StateId) -> [u64; 4] {
+        if self.count.is_some() || !self.self_loops.ensure(s) {
+            return [0; 4];
+        }
+        let Some(cell) = self.self_loops.get(s, 0) else {
+            return [0; 4];
+        };
+        *cell.get_or_init(|| {
+            let mut set = [0u64; 4];
+            if self.flags(s) == 0 {
+                for b in (0..=255u8).filter(|&b| b != MARKER) {
+                    if self.dfa.step(s, b) == s {
+                        set[(b >> 6) as usize] |= 1 << (b & 63);
+                    }
+                }
+            }
+            set
+        })
+    }
+
+    /// Whether a walk in state `s` (neither accepting nor calling) may take every token below
+    /// trie node `i` without walking them: string content below a content loop, or bytes that
+    /// all loop on `s`.
+    fn takes_subtree(&self, trie: &crate::guide::TokenTrie, s: StateId, i: usize) -> bool {
+        if trie.content_below(i) && self.is_content_loop(s) {
+            return true;
+        }
+        // Only where the subtree's first byte loops (the walk takes that step anyway) is the
+        // state's whole loop set computed (every byte's transition).
+        let first = trie.nodes()[i + 1].byte;
+        if first == MARKER || self.dfa.step(s, first) != s {
+            return false;
+        }
+        let set = self.self_loop(s);
+        set != [0; 4]
+            && trie
+                .within(&set)
+                .is_some_and(|t| t[i / 64] & (1 << (i % 64)) != 0)
     }
 
     /// [`Rule::content_loop`], computed once per state.
@@ -845,14 +887,14 @@ impl Rtn {
             for &t in trie.tokens_of(n) {
                 out[(t / 32) as usize] |= 1 << (t % 32);
             }
-            // Every stack inside a string whose characters loop on one state (no pop, no
-            // call): a subtree of pure string content is allowed whole.
+            // A stack that takes the whole subtree in a loop (string content, or bytes that
+            // loop on its state; no pop, no call): every token below is allowed (the mask is
+            // the union over the stacks).
             if n.subtree_end as usize > i + 1
-                && trie.content_below(i)
-                && sets[level[d]..].iter().all(|&top| {
+                && sets[level[d]..].iter().any(|&top| {
                     let x = w.arena[top as usize];
                     let r = &self.rules[x.rule as usize];
-                    r.count.is_none() && r.flags(x.state) == 0 && r.is_content_loop(x.state)
+                    r.count.is_none() && r.flags(x.state) == 0 && r.takes_subtree(trie, x.state, i)
                 })
             {
                 for &t in trie.tokens_below(i) {

@@ -1469,8 +1469,62 @@ fn format_pattern(f: &str) -> Option<String> {
             .to_string(),
         "ipv4" => format!("{OCTET}(?:\\.{OCTET}){{3}}"),
         "email" => r#"[a-zA-Z0-9.!#$%&'*+/=?^_`{|}~-]+@[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)*"#.to_string(),
+        "ipv6" => ipv6(),
+        "uri" => uri(),
         _ => return None,
     })
+}
+
+/// RFC 3986 `IPv6address` (section 3.2.2), exactly: `h16` groups around one optional `::`,
+/// the last 32 bits possibly an IPv4 address.
+fn ipv6() -> String {
+    const H16: &str = "[0-9A-Fa-f]{1,4}";
+    let ipv4 = "(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])";
+    let ls32 = format!("(?:{H16}:{H16}|{ipv4})");
+    let groups = |n: usize| format!("(?:{H16}:){{{n}}}");
+    let mut alts = vec![
+        format!("{}{ls32}", groups(6)),
+        format!("::{}{ls32}", groups(5)),
+    ];
+    // `[ *k( h16 ":" ) h16 ] "::"` then the rest, for k = 0..=6.
+    for k in 0..=6usize {
+        let before = if k == 0 {
+            format!("(?:{H16})?")
+        } else {
+            format!("(?:(?:{H16}:){{0,{k}}}{H16})?")
+        };
+        let after = match k {
+            0..=3 => format!("{}{ls32}", groups(4 - k)),
+            4 => ls32.clone(),
+            5 => H16.to_string(),
+            _ => String::new(),
+        };
+        alts.push(format!("{before}::{after}"));
+    }
+    format!("(?:{})", alts.join("|"))
+}
+
+/// An RFC 3986 `URI` (section 3): scheme, `:`, hier-part (`//` authority path, or an absolute,
+/// rootless or empty path), optional query and fragment.
+fn uri() -> String {
+    let unreserved = "A-Za-z0-9._~\\-";
+    let sub_delims = "!$&'()*+,;=";
+    let pct = "%[0-9A-Fa-f]{2}";
+    let pchar = format!("(?:[{unreserved}{sub_delims}:@]|{pct})");
+    let segment = format!("{pchar}*");
+    let segment_nz = format!("{pchar}+");
+    let userinfo = format!("(?:[{unreserved}{sub_delims}:]|{pct})*");
+    let ip_future = format!("v[0-9A-Fa-f]+\\.[{unreserved}{sub_delims}:]+");
+    let ipv4 = "(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])";
+    let reg_name = format!("(?:[{unreserved}{sub_delims}]|{pct})*");
+    let host = format!("(?:\\[(?:{}|{ip_future})\\]|{ipv4}|{reg_name})", ipv6());
+    let authority = format!("(?:{userinfo}@)?{host}(?::[0-9]*)?");
+    let abempty = format!("(?:/{segment})*");
+    let absolute = format!("/(?:{segment_nz}(?:/{segment})*)?");
+    let rootless = format!("{segment_nz}(?:/{segment})*");
+    let hier = format!("(?://{authority}{abempty}|{absolute}|{rootless}|)");
+    let tail = format!("(?:{pchar}|[/?])*");
+    format!("[A-Za-z][A-Za-z0-9+.-]*:{hier}(?:\\?{tail})?(?:#{tail})?")
 }
 
 fn percent_decode(s: &str) -> String {

@@ -142,6 +142,58 @@ fn schemas_accept_and_reject() {
 }
 
 #[test]
+fn uri_and_ipv6_formats_follow_rfc_3986() {
+    let v = toy_vocab();
+    let uri = compile(&v, &json!({"type": "string", "format": "uri"}), None);
+    assert_eq!(uri.engine(), Engine::TokenwireJson);
+    for ok in [
+        "https://example.com/a/b?c=d&e=f#g",
+        "http://user:pw@[2001:db8::1]:8080/",
+        "urn:isbn:0451450523",
+        "mailto:a@b.c",
+        "file:///etc/hosts",
+        "s3://bucket/key%20x",
+        "http://192.168.0.1",
+        "x:",
+    ] {
+        assert!(accepts(&uri, &format!("\"{ok}\"")), "{ok}");
+    }
+    for bad in [
+        "example.com",
+        "1http://a",
+        "http://exa mple.com",
+        "http://a/%zz",
+        "http://[1::2::3]/",
+        "http://a/<b>",
+        "",
+    ] {
+        assert!(!accepts(&uri, &format!("\"{bad}\"")), "{bad}");
+    }
+    let ip = compile(&v, &json!({"type": "string", "format": "ipv6"}), None);
+    for ok in [
+        "::",
+        "::1",
+        "1::",
+        "2001:db8::ff00:42:8329",
+        "1:2:3:4:5:6:7:8",
+        "::ffff:192.0.2.1",
+        "1:2:3:4:5:6::8",
+    ] {
+        assert!(accepts(&ip, &format!("\"{ok}\"")), "{ok}");
+    }
+    for bad in [
+        "1:2:3:4:5:6:7:8:9",
+        "1::2::3",
+        "12345::",
+        ":1",
+        "1:2:3:4:5:6:7",
+        "::1.2.3.256",
+    ] {
+        assert!(!accepts(&ip, &format!("\"{bad}\"")), "{bad}");
+    }
+}
+
+#[test]
 fn combinators_beside_other_keywords_are_distributed() {
     let v = toy_vocab();
     let ours = |schema: &Value| {
@@ -204,7 +256,7 @@ fn unsupported_keywords_fall_back_to_llguidance() {
     for schema in [
         json!({"type": "object", "minProperties": 2}),
         json!({"allOf": [{"type": "object"}, {"required": ["a"], "minProperties": 2}]}),
-        json!({"type": "string", "format": "uri"}),
+        json!({"type": "string", "format": "hostname"}),
         json!({"type": "number", "maximum": 2.5}),
     ] {
         let g = v

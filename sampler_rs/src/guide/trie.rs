@@ -30,8 +30,22 @@ pub struct TokenTrie {
     content: std::sync::OnceLock<Vec<bool>>,
     /// See [`TokenTrie::leads`].
     leads: std::sync::OnceLock<Leads>,
+    /// See [`TokenTrie::content_from_root`].
+    rooted: std::sync::OnceLock<Rooted>,
     /// See [`TokenTrie::within`].
     within: std::sync::Mutex<std::collections::HashMap<[u64; 4], std::sync::Arc<Vec<u64>>>>,
+}
+
+/// String content read from the root (see [`TokenTrie::content_from_root`]).
+#[derive(Debug)]
+struct Rooted {
+    /// Per node (bit set): the path to it is content, ending at a character boundary.
+    boundary: Vec<u64>,
+    /// Per slot of `token_ids` (bit set): the whole token is content.
+    slot: Vec<u64>,
+    /// The nodes whose byte is the first on their path that is not content, read at a character
+    /// boundary, in preorder.
+    exits: Vec<u32>,
 }
 
 /// Most byte classes [`TokenTrie::within`] keeps tables for (per vocabulary).
@@ -159,6 +173,7 @@ impl TokenTrie {
             content: std::sync::OnceLock::new(),
             leads: std::sync::OnceLock::new(),
             within: Default::default(),
+            rooted: std::sync::OnceLock::new(),
         }
     }
 
@@ -259,6 +274,73 @@ impl TokenTrie {
         let t = std::sync::Arc::new(bits);
         m.insert(*class, t.clone());
         Some(t)
+    }
+
+    /// Below node `i`, where the path from the root is string content ending at a character
+    /// boundary: the tokens below `i` that are content all the way (a walk looping on string
+    /// content at `i` allows them all), and the nodes below `i` where content first stops (the
+    /// only places such a walk must step). `None` when the path to `i` is not such content.
+    pub(crate) fn content_from_root(
+        &self,
+        i: usize,
+    ) -> Option<(&[TokenId], impl Iterator<Item = bool> + '_, &[u32])> {
+        let r = self.rooted.get_or_init(|| self.build_rooted());
+        if r.boundary[i / 64] & (1 << (i % 64)) == 0 {
+            return None;
+        }
+        let (from, to) = self.below_range(i);
+        let end = self.nodes[i].subtree_end;
+        let a = r.exits.partition_point(|&e| e <= i as u32);
+        let b = r.exits.partition_point(|&e| e < end);
+        let bits = (from..to).map(move |k| r.slot[k / 64] & (1 << (k % 64)) != 0);
+        Some((&self.token_ids[from..to], bits, &r.exits[a..b]))
+    }
+
+    fn build_rooted(&self) -> Rooted {
+        let n = self.nodes.len();
+        let mut boundary = vec![0u64; n.div_ceil(64)];
+        let mut content = vec![false; n];
+        let mut slot = vec![0u64; self.token_ids.len().div_ceil(64)];
+        let mut exits = Vec::new();
+        // The decoder state on the path to each node (`None`: content stopped above or at it).
+        let mut path: Vec<Option<U8>> = vec![Some(U8::Boundary)];
+        content[0] = true;
+        boundary[0] |= 1;
+        for (i, node) in self.nodes.iter().enumerate().skip(1) {
+            let d = node.depth as usize;
+            path.truncate(d);
+            let here = match path[d - 1] {
+                Some(u) => {
+                    let v = u.next(node.byte);
+                    // Content stops here. Inside a character it is invalid UTF-8, which a
+                    // content loop never takes (see `Rule::content_loop`): only the stops at a
+                    // character boundary are walked on.
+                    if v.is_none() && u == U8::Boundary {
+                        exits.push(i as u32);
+                    }
+                    v
+                }
+                None => None,
+            };
+            path.push(here);
+            content[i] = here.is_some();
+            if here == Some(U8::Boundary) {
+                boundary[i / 64] |= 1 << (i % 64);
+            }
+        }
+        for (i, node) in self.nodes.iter().enumerate() {
+            if content[i] {
+                let from = node.tok_start as usize;
+                for k in from..from + node.n_tok as usize {
+                    slot[k / 64] |= 1 << (k % 64);
+                }
+            }
+        }
+        Rooted {
+            boundary,
+            slot,
+            exits,
+        }
     }
 
     fn below_range(&self, i: usize) -> (usize, usize) {

@@ -280,42 +280,70 @@ impl Rule {
         let mut acc = vec![false; depth];
         stack[0] = st;
         acc[0] = self.dfa.is_accepting(st);
-        let mut i = 1;
-        while i < nodes.len() {
-            let n = &nodes[i];
-            let d = n.depth as usize;
-            if acc[d - 1] && self.follow[(n.byte >> 6) as usize] & (1 << (n.byte & 63)) != 0 {
-                frontier.push(Front::Pop(i as u32));
-            }
-            let t = if n.byte == MARKER {
-                0
-            } else {
-                self.dfa.step(stack[d - 1], n.byte)
-            };
-            if t == 0 {
-                i = n.subtree_end as usize;
+        // Ranges of the trie to walk: (first node, end, state before the first node).
+        let mut work: Vec<(usize, usize, StateId)> = vec![(1, nodes.len(), st)];
+        while let Some((from, to, before)) = work.pop() {
+            if from >= to {
                 continue;
             }
-            stack[d] = t;
-            // By premultiplied id (no division on the hot path).
-            let f = self.flags(t);
-            acc[d] = f & ACCEPTING != 0;
-            for &tok in trie.tokens_of(n) {
-                mask[(tok / 32) as usize] |= 1 << (tok % 32);
-            }
-            if f & CALLS != 0 {
-                frontier.push(Front::Call(i as u32, 0, t));
-            }
-            // Inside a loop (string content, or bytes looping on one state): every token
-            // below is allowed, without walking it.
-            if f == 0 && n.subtree_end as usize > i + 1 && self.takes_subtree(trie, t, i) {
-                for &tok in trie.tokens_below(i) {
+            let d0 = nodes[from].depth as usize;
+            stack[d0 - 1] = before;
+            acc[d0 - 1] = d0 == 1 && acc[0];
+            let mut i = from;
+            while i < to {
+                let n = &nodes[i];
+                let d = n.depth as usize;
+                if acc[d - 1] && self.follow[(n.byte >> 6) as usize] & (1 << (n.byte & 63)) != 0 {
+                    frontier.push(Front::Pop(i as u32));
+                }
+                let t = if n.byte == MARKER {
+                    0
+                } else {
+                    self.dfa.step(stack[d - 1], n.byte)
+                };
+                if t == 0 {
+                    i = n.subtree_end as usize;
+                    continue;
+                }
+                stack[d] = t;
+                let f = self.flags(t);
+                acc[d] = f & ACCEPTING != 0;
+                for &tok in trie.tokens_of(n) {
                     mask[(tok / 32) as usize] |= 1 << (tok % 32);
                 }
-                i = n.subtree_end as usize;
-                continue;
+                if f & CALLS != 0 {
+                    frontier.push(Front::Call(i as u32, 0, t));
+                }
+                if f == 0 && n.subtree_end as usize > i + 1 {
+                    // Inside a loop (string content, or bytes looping on one state): every
+                    // token below is allowed, without walking it.
+                    if self.takes_subtree(trie, t, i) {
+                        for &tok in trie.tokens_below(i) {
+                            mask[(tok / 32) as usize] |= 1 << (tok % 32);
+                        }
+                        i = n.subtree_end as usize;
+                        continue;
+                    }
+                    // In a string-content loop, on a path that is content from the root: the
+                    // tokens below that are content all the way are allowed, and only the
+                    // nodes where content stops are walked on (from this state).
+                    if self.is_content_loop(t) {
+                        if let Some((toks, content, exits)) = trie.content_from_root(i) {
+                            for (&tok, c) in toks.iter().zip(content) {
+                                if c {
+                                    mask[(tok / 32) as usize] |= 1 << (tok % 32);
+                                }
+                            }
+                            for &e in exits {
+                                work.push((e as usize, nodes[e as usize].subtree_end as usize, t));
+                            }
+                            i = n.subtree_end as usize;
+                            continue;
+                        }
+                    }
+                }
+                i += 1;
             }
-            i += 1;
         }
         Inner { mask, frontier }
     }
@@ -412,15 +440,22 @@ impl Rule {
     }
 
     /// Whether every JSON string character (unescaped, valid UTF-8) leads from `l` back to `l`
-    /// through live states where the rule neither ends nor calls: then any string content
-    /// (ending inside a character or not) is allowed from `l`.
+    /// through live states where the rule neither ends nor calls, and nothing but such
+    /// characters goes on from inside one: then any string content (ending inside a character
+    /// or not) is allowed from `l`, and content can only stop at a character boundary.
     fn content_loop(&self, l: StateId) -> bool {
         use crate::guide::trie::U8;
         let mut seen: Vec<(StateId, U8)> = vec![(l, U8::Boundary)];
         let mut todo = vec![(l, U8::Boundary)];
         while let Some((s, u)) = todo.pop() {
             for b in 0..=255u8 {
-                let Some(v) = u.next(b) else { continue };
+                let Some(v) = u.next(b) else {
+                    // Inside a character, a byte that does not continue it must be dead.
+                    if u != U8::Boundary && self.dfa.step(s, b) != 0 {
+                        return false;
+                    }
+                    continue;
+                };
                 let t = self.dfa.step(s, b);
                 if t == 0 || self.flags(t) != 0 {
                     return false;

@@ -12,33 +12,21 @@
 
 use serde_json::{Map, Value};
 
-/// Validation keywords that may move into branches (the combinators themselves stay).
-const MOVABLE: &[&str] = &[
-    "not",
-    "type",
-    "enum",
-    "const",
-    "minimum",
-    "maximum",
-    "exclusiveMinimum",
-    "exclusiveMaximum",
-    "multipleOf",
-    "minLength",
-    "maxLength",
-    "pattern",
-    "format",
-    "items",
-    "prefixItems",
-    "additionalItems",
-    "minItems",
-    "maxItems",
-    "uniqueItems",
-    "properties",
-    "required",
-    "additionalProperties",
-    "minProperties",
-    "maxProperties",
-];
+/// Whether `k` is a validation keyword that may move into branches: one the compiler
+/// implements, but for the combinators and `$ref` themselves.
+fn movable(k: &str) -> bool {
+    super::emit::is_implemented(k) && !["anyOf", "oneOf", "allOf", "$ref"].contains(&k)
+}
+
+/// Whether a `$ref` points at keyword `k` of the node at `ptr`, or into it.
+fn referenced(refs: &[String], ptr: &str, k: &str) -> bool {
+    let p = format!("{ptr}/{}", escape(k));
+    refs.iter().any(|r| {
+        *r == p
+            || r.strip_prefix(p.as_str())
+                .is_some_and(|t| t.starts_with('/'))
+    })
+}
 
 /// Most nested rewrites of one node (a merged branch may itself need one).
 const MAX_DEPTH: u32 = 4;
@@ -61,7 +49,7 @@ fn needs(v: &Value) -> bool {
         Value::Object(m) => {
             m.contains_key("allOf")
                 || (["anyOf", "oneOf"].iter().any(|k| m.contains_key(*k))
-                    && m.keys().any(|k| MOVABLE.contains(&k.as_str())))
+                    && m.keys().any(|k| movable(k)))
                 || m.values().any(needs)
         }
         Value::Array(a) => a.iter().any(needs),
@@ -133,7 +121,7 @@ fn rewrite(
     };
     let moved: Map<String, Value> = m
         .iter()
-        .filter(|(k, _)| MOVABLE.contains(&k.as_str()))
+        .filter(|(k, _)| movable(k.as_str()))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     if moved.is_empty() {
@@ -141,11 +129,7 @@ fn rewrite(
     }
     // A `$ref` into a moved keyword would no longer resolve.
     for k in moved.keys() {
-        let p = format!("{ptr}/{}", escape(k));
-        if refs
-            .iter()
-            .any(|r| *r == p || r.starts_with(&format!("{p}/")))
-        {
+        if referenced(refs, ptr, k) {
             return None;
         }
     }
@@ -171,7 +155,7 @@ fn rewrite(
     }
     let mut out: Map<String, Value> = m
         .iter()
-        .filter(|(k, _)| !MOVABLE.contains(&k.as_str()) && *k != key)
+        .filter(|(k, _)| !movable(k.as_str()) && *k != key)
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     out.insert(key.to_string(), Value::Array(branches));
@@ -187,19 +171,15 @@ fn all_of(
     refs: &[String],
     depth: u32,
 ) -> Option<Map<String, Value>> {
-    let moving = |k: &str| MOVABLE.contains(&k) || k == "allOf";
+    let moving = |k: &str| movable(k) || k == "allOf";
     for k in m.keys().filter(|k| moving(k)) {
-        let p = format!("{ptr}/{}", escape(k));
-        if refs
-            .iter()
-            .any(|r| *r == p || r.starts_with(&format!("{p}/")))
-        {
+        if referenced(refs, ptr, k) {
             return None;
         }
     }
     let mut acc: Map<String, Value> = m
         .iter()
-        .filter(|(k, _)| MOVABLE.contains(&k.as_str()))
+        .filter(|(k, _)| movable(k.as_str()))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let mut combinator = m.contains_key("anyOf") || m.contains_key("oneOf");
@@ -215,14 +195,10 @@ fn all_of(
             return None;
         }
         combinator |= has;
-        let (movable, rest): (Map<String, Value>, Map<String, Value>) = b
-            .into_iter()
-            .partition(|(k, _)| MOVABLE.contains(&k.as_str()));
-        acc = merge(&acc, &movable)??;
+        let (moved, rest): (Map<String, Value>, Map<String, Value>) =
+            b.into_iter().partition(|(k, _)| movable(k));
+        acc = merge(&acc, &moved)??;
         for (k, v) in rest {
-            if MOVABLE.contains(&k.as_str()) {
-                continue;
-            }
             if ["anyOf", "oneOf"].contains(&k.as_str()) {
                 acc.insert(k, v);
             }
@@ -253,9 +229,7 @@ fn deref(b: &Map<String, Value>, root: &Value, at: String) -> Option<(Map<String
     let Some(r) = b.get("$ref") else {
         return Some((b.clone(), at));
     };
-    if b.keys()
-        .any(|k| k != "$ref" && MOVABLE.contains(&k.as_str()))
-    {
+    if b.keys().any(|k| k != "$ref" && movable(k)) {
         return None;
     }
     let p = r.as_str()?.strip_prefix('#')?;

@@ -102,6 +102,11 @@ const UNSUPPORTED: &[&str] = &[
     "$anchor",
 ];
 
+/// Whether `k` is a keyword this compiler implements (in some forms).
+pub(super) fn is_implemented(k: &str) -> bool {
+    IMPLEMENTED.contains(&k)
+}
+
 /// Whether `k` is a validation keyword (implemented here or not).
 pub(super) fn is_validation_keyword(k: &str) -> bool {
     UNSUPPORTED.contains(&k) || IMPLEMENTED.contains(&k)

@@ -149,7 +149,8 @@ pub(crate) struct LazyDfa {
 
 impl LazyDfa {
     /// Compiles `pattern` (over bytes: `(?-u:\xFF)` may match non-UTF-8 bytes) up to the NFA;
-    /// the DFA's states are made on demand, at most `limits.max_states` of them.
+    /// the DFA's states are made on demand, at most `limits.max_states` of them (and at most
+    /// the larger of 16,384 and 8 per NFA state).
     #[cfg(test)]
     pub(crate) fn build(pattern: &str, limits: &DfaLimits) -> Result<LazyDfa> {
         Self::build_with(pattern, &[], limits)
@@ -165,7 +166,12 @@ impl LazyDfa {
         let live = nfa.co_reachable();
         let (classes, reps) = nfa.byte_classes();
         let stride2 = reps.len().next_power_of_two().trailing_zeros();
-        let max_states = limits.max_states;
+        // The tables' segment directories are sized for the states this rule may make: the
+        // budget, or far less for a small NFA (a DFA of these patterns rarely has more states
+        // than its NFA; the floor covers small exponential ones, `(a|b)*a(a|b){13}`).
+        let max_states = limits
+            .max_states
+            .min(MIN_STATE_CAP.max(8 * nfa.states.len()));
         let n = nfa.states.len();
         let dfa = LazyDfa {
             live,
@@ -411,6 +417,9 @@ impl LazyDfa {
 pub(crate) const INLINE: u8 = 0xFD;
 /// See [`INLINE`].
 pub(crate) const JUMP: u8 = 0xFE;
+
+/// The fewest states a rule's DFA may make before its budget is checked (see `build_with`).
+const MIN_STATE_CAP: usize = 16_384;
 
 /// Most NFA states of a rule with its fragments spliced in.
 const MAX_NFA_STATES: usize = 4 << 20;

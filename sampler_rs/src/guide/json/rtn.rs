@@ -59,6 +59,17 @@ const MAX_EPSILON: u32 = 256;
 /// The calls (callee, return state) leaving a state.
 type Calls = Box<[(u32, StateId)]>;
 
+/// Per DFA state of a rule, each part computed on first use.
+#[derive(Default)]
+struct Meta {
+    /// The calls leaving it.
+    calls: OnceLock<Calls>,
+    /// [`Rule::content_loop`].
+    content_loop: OnceLock<bool>,
+    /// [`Rule::self_loop`].
+    self_loop: OnceLock<[u64; 4]>,
+}
+
 /// A frame of a stack: a rule and a state of it.
 pub(crate) type Frame = (u32, u32);
 
@@ -67,8 +78,8 @@ pub(crate) struct Rule {
     dfa: LazyDfa,
     /// The rules its pattern calls.
     callees: Box<[u32]>,
-    /// By DFA state, made on first use: the calls (callee, return state) leaving that state.
-    calls: Segments<OnceLock<Calls>>,
+    /// By DFA state: see [`Meta`].
+    meta: Segments<Meta>,
     /// `Some((min, max))` for a counted rule (`max = None`: unbounded).
     count: Option<(u32, Option<u32>)>,
     /// `dfa.table_len()` of a counted rule (its DFA is made whole up front): the multiplier of
@@ -79,10 +90,6 @@ pub(crate) struct Rule {
     follow: [u64; 4],
     /// By (vocabulary id, normalized state): the context-free part of its mask ([`Inner`]).
     inner: Arc<InnerCache>,
-    /// By DFA state, made on first use: [`Rule::content_loop`].
-    loops: Segments<OnceLock<bool>>,
-    /// By DFA state, made on first use: [`Rule::self_loop`].
-    self_loops: Segments<OnceLock<[u64; 4]>>,
     /// A counted rule whose element is one JSON string character, read as unescaped content
     /// (every content character from the start completes an element, and content bytes never
     /// end the rule): below a character boundary, content tokens are counted, not walked.
@@ -169,9 +176,7 @@ impl Rule {
         }
         let (max_states, stride2) = dfa.shape();
         let mut rule = Rule {
-            calls: Segments::new(max_states, stride2, 0),
-            loops: Segments::new(max_states, stride2, 0),
-            self_loops: Segments::new(max_states, stride2, 0),
+            meta: Segments::new(max_states, stride2, 0),
             callees: callees.into(),
             dfa,
             count,
@@ -184,16 +189,22 @@ impl Rule {
         Ok(rule)
     }
 
+    /// What is known of DFA state `s` (made on first use).
+    #[inline]
+    fn meta(&self, s: StateId) -> Option<&Meta> {
+        if !self.meta.ensure(s) {
+            return None;
+        }
+        self.meta.get(s, 0)
+    }
+
     /// The calls (callee, return state) leaving DFA state `s`.
     #[inline]
     fn calls(&self, s: StateId) -> &[(u32, StateId)] {
-        if !self.calls.ensure(s) {
-            return &[];
-        }
-        let Some(cell) = self.calls.get(s, 0) else {
+        let Some(m) = self.meta(s) else {
             return &[];
         };
-        cell.get_or_init(|| {
+        m.calls.get_or_init(|| {
             if self.dfa.step(s, MARKER) == 0 {
                 return Box::new([]);
             }
@@ -352,13 +363,10 @@ impl Rule {
     /// empty otherwise): below a trie node reached in `s`, a subtree made of these bytes only
     /// is allowed whole. Computed once per state.
     fn self_loop(&self, s: StateId) -> [u64; 4] {
-        if self.count.is_some() || !self.self_loops.ensure(s) {
-            return [0; 4];
-        }
-        let Some(cell) = self.self_loops.get(s, 0) else {
+        let Some(m) = self.meta(s).filter(|_| self.count.is_none()) else {
             return [0; 4];
         };
-        *cell.get_or_init(|| {
+        *m.self_loop.get_or_init(|| {
             let mut set = [0u64; 4];
             if self.flags(s) == 0 {
                 for b in (0..=255u8).filter(|&b| b != MARKER) {
@@ -394,12 +402,8 @@ impl Rule {
     /// [`Rule::content_loop`], computed once per state.
     #[inline]
     fn is_content_loop(&self, l: StateId) -> bool {
-        if !self.loops.ensure(l) {
-            return false;
-        }
-        self.loops
-            .get(l, 0)
-            .is_some_and(|c| *c.get_or_init(|| self.content_loop(l)))
+        self.meta(l)
+            .is_some_and(|m| *m.content_loop.get_or_init(|| self.content_loop(l)))
     }
 
     /// For a counted rule: whether every JSON string character (unescaped, valid UTF-8) read

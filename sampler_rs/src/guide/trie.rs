@@ -41,8 +41,10 @@ pub struct TokenTrie {
 struct Rooted {
     /// Per node (bit set): the path to it is content, ending at a character boundary.
     boundary: Vec<u64>,
-    /// Per slot of `token_ids` (bit set): the whole token is content.
-    slot: Vec<u64>,
+    /// The tokens that are content all the way, in slot (preorder) order, and for each slot
+    /// of `token_ids` how many of them come before it (one more entry at the end).
+    content_ids: Vec<TokenId>,
+    content_before: Vec<u32>,
     /// The nodes whose byte is the first on their path that is not content, read at a character
     /// boundary, in preorder.
     exits: Vec<u32>,
@@ -280,10 +282,7 @@ impl TokenTrie {
     /// boundary: the tokens below `i` that are content all the way (a walk looping on string
     /// content at `i` allows them all), and the nodes below `i` where content first stops (the
     /// only places such a walk must step). `None` when the path to `i` is not such content.
-    pub(crate) fn content_from_root(
-        &self,
-        i: usize,
-    ) -> Option<(&[TokenId], impl Iterator<Item = bool> + '_, &[u32])> {
+    pub(crate) fn content_from_root(&self, i: usize) -> Option<(&[TokenId], &[u32])> {
         let r = self.rooted.get_or_init(|| self.build_rooted());
         if r.boundary[i / 64] & (1 << (i % 64)) == 0 {
             return None;
@@ -292,15 +291,18 @@ impl TokenTrie {
         let end = self.nodes[i].subtree_end;
         let a = r.exits.partition_point(|&e| e <= i as u32);
         let b = r.exits.partition_point(|&e| e < end);
-        let bits = (from..to).map(move |k| r.slot[k / 64] & (1 << (k % 64)) != 0);
-        Some((&self.token_ids[from..to], bits, &r.exits[a..b]))
+        let (c0, c1) = (
+            r.content_before[from] as usize,
+            r.content_before[to] as usize,
+        );
+        Some((&r.content_ids[c0..c1], &r.exits[a..b]))
     }
 
     fn build_rooted(&self) -> Rooted {
         let n = self.nodes.len();
         let mut boundary = vec![0u64; n.div_ceil(64)];
         let mut content = vec![false; n];
-        let mut slot = vec![0u64; self.token_ids.len().div_ceil(64)];
+        let mut slot = vec![false; self.token_ids.len()];
         let mut exits = Vec::new();
         // The decoder state on the path to each node (`None`: content stopped above or at it).
         let mut path: Vec<Option<U8>> = vec![Some(U8::Boundary)];
@@ -331,14 +333,24 @@ impl TokenTrie {
         for (i, node) in self.nodes.iter().enumerate() {
             if content[i] {
                 let from = node.tok_start as usize;
-                for k in from..from + node.n_tok as usize {
-                    slot[k / 64] |= 1 << (k % 64);
+                for x in slot.iter_mut().skip(from).take(node.n_tok as usize) {
+                    *x = true;
                 }
             }
         }
+        let mut content_ids = Vec::new();
+        let mut content_before = Vec::with_capacity(slot.len() + 1);
+        for (k, &c) in slot.iter().enumerate() {
+            content_before.push(content_ids.len() as u32);
+            if c {
+                content_ids.push(self.token_ids[k]);
+            }
+        }
+        content_before.push(content_ids.len() as u32);
         Rooted {
             boundary,
-            slot,
+            content_ids,
+            content_before,
             exits,
         }
     }

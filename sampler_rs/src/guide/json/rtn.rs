@@ -339,11 +339,9 @@ impl Rule {
                     // tokens below that are content all the way are allowed, and only the
                     // nodes where content stops are walked on (from this state).
                     if self.is_content_loop(t) {
-                        if let Some((toks, content, exits)) = trie.content_from_root(i) {
-                            for (&tok, c) in toks.iter().zip(content) {
-                                if c {
-                                    mask[(tok / 32) as usize] |= 1 << (tok % 32);
-                                }
+                        if let Some((content, exits)) = trie.content_from_root(i) {
+                            for &tok in content {
+                                mask[(tok / 32) as usize] |= 1 << (tok % 32);
                             }
                             for &e in exits {
                                 work.push((e as usize, nodes[e as usize].subtree_end as usize, t));

@@ -209,8 +209,8 @@ impl LazyDfa {
         if det.buf.is_empty() {
             return Err(GuideError::Empty);
         }
-        let set = std::mem::take(&mut det.buf);
-        let s = dfa.add_state(&mut det, set);
+        let mut set = std::mem::take(&mut det.buf);
+        let s = dfa.add_state(&mut det, &mut set);
         debug_assert_eq!(s, dfa.start);
         drop(det);
         Ok(dfa)
@@ -243,13 +243,14 @@ impl LazyDfa {
         }
     }
 
-    /// The state of NFA set `set` (sorted here), made if new; `DEAD` past the state budget.
-    fn add_state(&self, det: &mut Det, mut set: Vec<u32>) -> StateId {
+    /// The state of NFA set `set` (sorted here, copied if new), made if new; `DEAD` past the
+    /// state budget.
+    fn add_state(&self, det: &mut Det, set: &mut [u32]) -> StateId {
         if set.is_empty() {
             return DEAD;
         }
         set.sort_unstable();
-        if let Some(&k) = det.index.get(set.as_slice()) {
+        if let Some(&k) = det.index.get(&*set) {
             return k << self.stride2;
         }
         let k = det.sets.len();
@@ -261,7 +262,7 @@ impl LazyDfa {
             return DEAD;
         }
         let mut bits = 0;
-        for &n in &set {
+        for &n in set.iter() {
             match self.nfa.states[n as usize] {
                 St::Match => bits |= ACCEPT,
                 _ => bits |= CONTINUE,
@@ -270,7 +271,7 @@ impl LazyDfa {
         if let Some(i) = self.info.get(id, 0) {
             i.store(bits, Ordering::Release);
         }
-        let set: Box<[u32]> = set.into();
+        let set: Box<[u32]> = (&*set).into();
         det.index.insert(set.clone(), k as u32);
         det.sets.push(set);
         self.states.fetch_add(1, Ordering::Relaxed);
@@ -320,9 +321,10 @@ impl LazyDfa {
             }
         }
         det.sets[k] = set;
-        let out = std::mem::take(&mut det.buf);
-        let t = self.add_state(&mut det, out);
-        det.buf = Vec::new();
+        // The closure's buffer keeps its capacity for the next step.
+        let mut out = std::mem::take(&mut det.buf);
+        let t = self.add_state(&mut det, &mut out);
+        det.buf = out;
         // Past the state budget the walk is cut here and the overflow reported by the caller:
         // not cached, so nothing wrong is kept.
         if !self.overflowed() {

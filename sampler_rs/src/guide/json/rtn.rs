@@ -68,6 +68,10 @@ struct Meta {
     content_loop: OnceLock<bool>,
     /// [`Rule::self_loop`].
     self_loop: OnceLock<[u64; 4]>,
+    /// The vocabulary table of `self_loop`'s class ([`crate::guide::TokenTrie::within`]), for
+    /// the first vocabulary that asked (by id): the walks ask at many nodes, and the trie's
+    /// table lookup takes a lock.
+    loop_table: OnceLock<(u64, Option<Arc<Vec<u64>>>)>,
 }
 
 /// A frame of a stack: a rule and a state of it.
@@ -328,7 +332,7 @@ impl Rule {
                 if f == 0 && n.subtree_end as usize > i + 1 {
                     // Inside a loop (string content, or bytes looping on one state): every
                     // token below is allowed, without walking it.
-                    if self.takes_subtree(trie, t, i) {
+                    if self.takes_subtree(vocab, t, i) {
                         for &tok in trie.tokens_below(i) {
                             mask[(tok / 32) as usize] |= 1 << (tok % 32);
                         }
@@ -380,7 +384,8 @@ impl Rule {
     /// Whether a walk in state `s` (neither accepting nor calling) may take every token below
     /// trie node `i` without walking them: string content below a content loop, or bytes that
     /// all loop on `s`.
-    fn takes_subtree(&self, trie: &crate::guide::TokenTrie, s: StateId, i: usize) -> bool {
+    fn takes_subtree(&self, vocab: &VocabCore, s: StateId, i: usize) -> bool {
+        let trie = vocab.trie();
         if trie.content_below(i) && self.is_content_loop(s) {
             return true;
         }
@@ -391,10 +396,15 @@ impl Rule {
             return false;
         }
         let set = self.self_loop(s);
-        set != [0; 4]
-            && trie
-                .within(&set)
-                .is_some_and(|t| t[i / 64] & (1 << (i % 64)) != 0)
+        if set == [0; 4] {
+            return false;
+        }
+        let bit = |t: &Vec<u64>| t[i / 64] & (1 << (i % 64)) != 0;
+        let Some(m) = self.meta(s) else { return false };
+        match m.loop_table.get_or_init(|| (vocab.id(), trie.within(&set))) {
+            (id, t) if *id == vocab.id() => t.as_deref().is_some_and(bit),
+            _ => trie.within(&set).as_deref().is_some_and(bit),
+        }
     }
 
     /// [`Rule::content_loop`], computed once per state.
@@ -931,7 +941,7 @@ impl Rtn {
                 && sets[level[d]..].iter().any(|&top| {
                     let x = w.arena[top as usize];
                     let r = &self.rules[x.rule as usize];
-                    r.count.is_none() && r.flags(x.state) == 0 && r.takes_subtree(trie, x.state, i)
+                    r.count.is_none() && r.flags(x.state) == 0 && r.takes_subtree(vocab, x.state, i)
                 })
             {
                 for &t in trie.tokens_below(i) {

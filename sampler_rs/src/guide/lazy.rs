@@ -409,7 +409,7 @@ impl LazyDfa {
 }
 
 /// Fragment markers, `\xFD\xHH\xLL` and `\xFE\xHH\xLL` (bytes never in UTF-8 text), splice
-/// fragment `0xHHLL` into a rule's NFA. `INLINE` enters a *group*: the fragment runs, and
+/// fragment `HH * ID_BASE + LL` (see [`id_bytes`]) into a rule's NFA. `INLINE` enters a *group*: the fragment runs, and
 /// where it matches the pattern goes on after the marker. `JUMP`, only inside a fragment and
 /// only at its end, goes to another fragment of the same group, whose matches then end the
 /// group. All fragments of a group end where the group does, so one referenced from several
@@ -419,6 +419,25 @@ impl LazyDfa {
 pub(crate) const INLINE: u8 = 0xFD;
 /// See [`INLINE`].
 pub(crate) const JUMP: u8 = 0xFE;
+
+/// The base of the two id bytes after a marker byte (a fragment's, or a rule's call): each is
+/// below `0xF0`, so an id byte is never read as a marker byte (`0xFD`..`0xFF`).
+pub(crate) const ID_BASE: u32 = 0xF0;
+
+/// Most ids two id bytes hold.
+pub(crate) const MAX_IDS: u32 = ID_BASE * ID_BASE;
+
+/// The two bytes of id `id` (below [`MAX_IDS`]).
+pub(crate) fn id_bytes(id: u32) -> [u8; 2] {
+    debug_assert!(id < MAX_IDS);
+    [(id / ID_BASE) as u8, (id % ID_BASE) as u8]
+}
+
+/// The id of two id bytes (see [`id_bytes`]); `None` for bytes that are not id bytes.
+pub(crate) fn id_from(hi: u8, lo: u8) -> Option<u32> {
+    let (h, l) = (u32::from(hi), u32::from(lo));
+    (h < ID_BASE && l < ID_BASE).then_some(h * ID_BASE + l)
+}
 
 /// The fewest states a rule's DFA may make before its budget is checked (see `build_with`).
 const MIN_STATE_CAP: usize = 16_384;
@@ -600,17 +619,23 @@ impl<'a> Splicer<'a> {
             )));
         }
         let id = |s: NfaState| base + s.as_u32();
-        // The fragment and the state after a marker whose first byte leads to `next`.
-        let marker = |next: NfaState| -> Result<(u32, u32)> {
-            let byte = |s| match nfa.state(s) {
-                State::ByteRange { trans } if trans.start == trans.end => {
-                    Ok((trans.start, trans.next))
+        // The (fragment, state after the marker) pairs of a marker whose first byte leads to
+        // `next`. An alternation of markers may share the marker's bytes (the NFA compiler
+        // factors common literal prefixes), so each byte after the first may branch.
+        let marker = |next: NfaState| -> Result<Vec<(u32, u32)>> {
+            let mut out = Vec::new();
+            let mut his = Vec::new();
+            byte_edges(nfa, next, &mut his, 0)?;
+            for (hi, s2) in his {
+                let mut los = Vec::new();
+                byte_edges(nfa, s2, &mut los, 0)?;
+                for (lo, s3) in los {
+                    let frag = id_from(hi, lo)
+                        .ok_or_else(|| GuideError::Invalid("a malformed fragment marker".into()))?;
+                    out.push((frag, id(s3)));
                 }
-                _ => Err(GuideError::Invalid("a malformed fragment marker".into())),
-            };
-            let (hi, s2) = byte(next)?;
-            let (lo, s3) = byte(s2)?;
-            Ok(((u32::from(hi) << 8) | u32::from(lo), id(s3)))
+            }
+            Ok(out)
         };
         let len = nfa.states().len() as u32;
         // States made beside the fragment's own (after them): a marker among other bytes.
@@ -649,17 +674,18 @@ impl<'a> Splicer<'a> {
                     // (A class that merely includes a marker byte, as the NFA's unanchored prefix
                     // `\x00-\xFF` does, unreachable here, is data.)
                     if lo == hi && (lo == INLINE || lo == JUMP) {
-                        let (frag, after) = marker(next)?;
-                        // A group ends after the marker that entered it; a jump keeps the end
-                        // of the group it is in.
-                        let group_exit = if lo == INLINE {
-                            after
-                        } else {
-                            exit.ok_or_else(|| {
-                                GuideError::Invalid("a jump outside a group".into())
-                            })?
-                        };
-                        jumps.push((frag, group_exit));
+                        for (frag, after) in marker(next)? {
+                            // A group ends after the marker that entered it; a jump keeps the
+                            // end of the group it is in.
+                            let group_exit = if lo == INLINE {
+                                after
+                            } else {
+                                exit.ok_or_else(|| {
+                                    GuideError::Invalid("a jump outside a group".into())
+                                })?
+                            };
+                            jumps.push((frag, group_exit));
+                        }
                     } else {
                         bytes.push((lo, hi, id(next)));
                     }
@@ -717,6 +743,43 @@ impl<'a> Splicer<'a> {
 /// (a product walk over all reachable pairs, at most `max_pairs` of them). `Ok(false)` when
 /// the eager one does not compile or the pattern has anchors; an error when only the eager one
 /// compiles otherwise.
+/// The (byte, next state) edges of marker byte state `s` of `nfa` (through unions, which an
+/// alternation of markers factored by their common bytes may leave between them).
+fn byte_edges(nfa: &NFA, s: NfaState, out: &mut Vec<(u8, NfaState)>, depth: u32) -> Result<()> {
+    let bad = || GuideError::Invalid("a malformed fragment marker".into());
+    if depth > 64 {
+        return Err(bad());
+    }
+    match nfa.state(s) {
+        State::ByteRange { trans } => {
+            out.extend((trans.start..=trans.end).map(|b| (b, trans.next)))
+        }
+        State::Sparse(t) => {
+            for x in t.transitions.iter() {
+                out.extend((x.start..=x.end).map(|b| (b, x.next)));
+            }
+        }
+        State::Dense(t) => {
+            for (b, &n) in t.transitions.iter().enumerate() {
+                if n.as_usize() != 0 {
+                    out.push((b as u8, n));
+                }
+            }
+        }
+        State::Union { alternates } => {
+            for &a in alternates.iter() {
+                byte_edges(nfa, a, out, depth + 1)?;
+            }
+        }
+        State::BinaryUnion { alt1, alt2 } => {
+            byte_edges(nfa, *alt1, out, depth + 1)?;
+            byte_edges(nfa, *alt2, out, depth + 1)?;
+        }
+        _ => return Err(bad()),
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 pub(crate) fn agrees_with_eager(
     pattern: &str,

@@ -39,6 +39,7 @@ const OBJECT_INLINE_BYTES: usize = 32 << 10;
 const OBJECT_FLAT_BYTES: usize = 1 << 10;
 /// Fragment markers (see `LazyDfa`): enter a group of fragments, jump within one.
 const INLINE: u8 = super::super::lazy::INLINE;
+use super::super::lazy::{id_bytes, id_from, MAX_IDS};
 const JUMP: u8 = super::super::lazy::JUMP;
 /// Most rules a schema may compile to.
 const MAX_RULES: usize = 4096;
@@ -156,12 +157,8 @@ fn marker(id: u32) -> String {
 }
 
 fn marker_of(byte: u8, id: u32) -> String {
-    format!(
-        "(?-u:\\x{:02X}\\x{:02X}\\x{:02X})",
-        byte,
-        (id >> 8) & 0xFF,
-        id & 0xFF
-    )
+    let [hi, lo] = id_bytes(id);
+    format!("(?-u:\\x{byte:02X}\\x{hi:02X}\\x{lo:02X})")
 }
 
 /// The callees named by the markers in `pattern`.
@@ -186,8 +183,8 @@ fn ids_of(pattern: &str, byte: u8) -> Vec<u32> {
         let tail = &rest[i + needle.len()..];
         // `HH\xLL)`
         if let (Some(hi), Some(lo)) = (tail.get(0..2), tail.get(4..6)) {
-            if let (Ok(h), Ok(l)) = (u32::from_str_radix(hi, 16), u32::from_str_radix(lo, 16)) {
-                out.insert(h << 8 | l);
+            if let (Ok(h), Ok(l)) = (u8::from_str_radix(hi, 16), u8::from_str_radix(lo, 16)) {
+                out.extend(id_from(h, l));
             }
         }
         rest = &rest[i + needle.len()..];
@@ -210,7 +207,14 @@ struct Emitter<'a> {
     depth: u32,
     /// Fragments by id (see [`INLINE`]).
     fragments: Vec<String>,
+    /// Rules made so far by (pattern, count, follow), and fragments by text: a sub-schema
+    /// emitted twice (an `anyOf` distributed over an object's members, a `$ref` reached by two
+    /// paths) is one rule, so that stacks of the alternatives share their frames.
+    made: HashMap<RuleShape, u32>,
+    fragment_ids: HashMap<String, u32>,
 }
+
+type RuleShape = (String, Option<(u32, Option<u32>)>, Option<Vec<u8>>);
 
 /// Compiles `schema` (the root, for `$ref`) into rules; rule 0 is the start.
 pub(crate) fn emit(schema: &Value, whitespace: Option<&str>) -> R<Vec<RuleSrc>> {
@@ -233,6 +237,8 @@ pub(crate) fn emit(schema: &Value, whitespace: Option<&str>) -> R<Vec<RuleSrc>> 
         pattern_bytes: 0,
         depth: 0,
         fragments: Vec::new(),
+        made: HashMap::new(),
+        fragment_ids: HashMap::new(),
     };
     let body = e.value(schema)?;
     e.set_rule(0, body, None)?;
@@ -409,19 +415,41 @@ impl<'a> Emitter<'a> {
         Ok(())
     }
 
+    /// The rule of `pattern` (with `count` and `follow`): made once per schema.
+    fn rule_for(
+        &mut self,
+        pattern: String,
+        count: Option<(u32, Option<u32>)>,
+        follow: Option<Vec<u8>>,
+    ) -> R<u32> {
+        let shape = (pattern, count, follow);
+        if let Some(&id) = self.made.get(&shape) {
+            return Ok(id);
+        }
+        let id = self.new_rule()?;
+        self.set_rule_follow(id, shape.0.clone(), count, shape.2.clone())?;
+        self.made.insert(shape, id);
+        Ok(id)
+    }
+
     /// A new fragment (see [`INLINE`]); its id.
     fn fragment(&mut self, text: String) -> R<u32> {
+        if let Some(&id) = self.fragment_ids.get(&text) {
+            return Ok(id);
+        }
         self.pattern_bytes += text.len();
         if self.pattern_bytes > MAX_PATTERN_BYTES {
             return Err(Fail::TooLarge(format!(
                 "the schema's patterns exceed {MAX_PATTERN_BYTES} bytes"
             )));
         }
-        if self.fragments.len() > 0xFFFF {
+        if self.fragments.len() >= MAX_IDS as usize {
             return Err(Fail::TooLarge("too many fragments".into()));
         }
+        let id = self.fragments.len() as u32;
+        self.fragment_ids.insert(text.clone(), id);
         self.fragments.push(text);
-        Ok((self.fragments.len() - 1) as u32)
+        Ok(id)
     }
 
     /// The length of `text` with the fragments it splices in (each counted once), up to `cap`.
@@ -476,9 +504,7 @@ impl<'a> Emitter<'a> {
         if self.expanded_len(&body, INLINE_BYTES + 1) <= INLINE_BYTES {
             return Ok(body);
         }
-        let id = self.new_rule()?;
-        self.set_rule(id, body, None)?;
-        Ok(marker(id))
+        Ok(marker(self.rule_for(body, None, None)?))
     }
 
     fn ws(&self) -> &str {
@@ -548,8 +574,7 @@ impl<'a> Emitter<'a> {
             return Ok(marker(id));
         }
         if body.len() > INLINE_BYTES {
-            let id = self.new_rule()?;
-            self.set_rule(id, body, None)?;
+            let id = self.rule_for(body, None, None)?;
             self.ref_rules.insert(reference.to_string(), id);
             return Ok(marker(id));
         }
@@ -937,14 +962,16 @@ impl<'a> Emitter<'a> {
             }
             return Ok(format!("(?:{elem}){{{min},{hi}}}"));
         }
-        let id = self.new_rule()?;
         // Followed by whitespace or the closing bracket.
         let follow = self.w_first.clone().map(|mut f| {
             f.push(b']');
             f
         });
-        self.set_rule_follow(id, elem.to_string(), Some((min, max)), follow)?;
-        Ok(marker(id))
+        Ok(marker(self.rule_for(
+            elem.to_string(),
+            Some((min, max)),
+            follow,
+        )?))
     }
 
     /// The pattern of further items or properties (`items`, `additionalItems`,
@@ -1743,6 +1770,8 @@ pub(crate) fn members_both_ways(
         pattern_bytes: 0,
         depth: 0,
         fragments: Vec::new(),
+        made: HashMap::new(),
+        fragment_ids: HashMap::new(),
     };
     let w = e.w.clone();
     let (flat, _) = object_body(items, extra, &w);

@@ -655,7 +655,8 @@ impl Rule {
 
 /// The bytes of the call marker of rule `id`.
 pub(crate) fn marker_bytes(id: u32) -> [u8; 3] {
-    [MARKER, (id >> 8) as u8, id as u8]
+    let [hi, lo] = super::super::lazy::id_bytes(id);
+    [MARKER, hi, lo]
 }
 
 #[derive(Clone, Copy)]
@@ -815,28 +816,33 @@ impl Rtn {
         let trie = vocab.trie();
         let nodes = trie.nodes();
         let mut w = Walker::new(self);
-        let inner = match stacks.as_slice() {
-            [st] => st.last().and_then(|&(r, s)| {
-                self.rules[r as usize]
-                    .inner(vocab, s, self.clamp)
-                    .map(|x| (st, r, s, x))
-            }),
+        // Every stack has the same top frame (one stack, or alternatives that differ only
+        // below it, as an `anyOf` of objects sharing a member): the top's cached context-free
+        // part serves them all, and only the walks below its frontier see the stacks' rest.
+        let top = stacks.first().and_then(|st| st.last().copied());
+        let inner = match top {
+            Some((r, s)) if stacks.iter().all(|st| st.last() == Some(&(r, s))) => self.rules
+                [r as usize]
+                .inner(vocab, s, self.clamp)
+                .map(|x| (r, s, x)),
             _ => None,
         };
-        if let Some((st, r, s, inner)) = inner {
+        if let Some((r, s, inner)) = inner {
             let rule = &self.rules[r as usize];
             let n = rule.split(s).0;
-            let below = &st[..st.len() - 1];
+            let belows: Vec<&[Frame]> = stacks.iter().map(|st| &st[..st.len() - 1]).collect();
             out.copy_from_slice(&inner.mask);
             for &f in &inner.frontier {
                 w.arena.clear();
                 let mut tops = Vec::new();
                 let (from, to, base) = match f {
                     Front::Pop(node) => {
-                        if below.is_empty() {
+                        for below in belows.iter().filter(|b| !b.is_empty()) {
+                            tops.push(w.load(below));
+                        }
+                        if tops.is_empty() {
                             continue;
                         }
-                        tops.push(w.load(below));
                         let nd = &nodes[node as usize];
                         (
                             node as usize,
@@ -850,10 +856,16 @@ impl Rtn {
                         let nq = rule.clamp_n(n + dn);
                         let mut tmp = vec![0u32; out.len()];
                         for &(c, ret) in rule.calls(q).iter() {
-                            let mut pushed = below.to_vec();
-                            pushed.push((r, rule.join(nq, ret)));
-                            pushed.push((c, self.rules[c as usize].start()));
-                            self.fill_mask_at(vocab, &vec![pushed], &mut tmp, depth + 1)?;
+                            let pushed: Stacks = belows
+                                .iter()
+                                .map(|below| {
+                                    let mut p = below.to_vec();
+                                    p.push((r, rule.join(nq, ret)));
+                                    p.push((c, self.rules[c as usize].start()));
+                                    p
+                                })
+                                .collect();
+                            self.fill_mask_at(vocab, &pushed, &mut tmp, depth + 1)?;
                             for ((o, t), e) in out.iter_mut().zip(&tmp).zip(vocab.eos_mask()) {
                                 *o |= t & !e;
                             }
@@ -861,12 +873,14 @@ impl Rtn {
                         continue;
                     }
                     Front::Call(node, dn, q) => {
-                        let parent = w.load(below);
                         let nq = rule.clamp_n(n + dn);
-                        for &(c, ret) in rule.calls(q).iter() {
-                            let p = w.push(r, rule.join(nq, ret), parent);
-                            let child = w.push(c, self.rules[c as usize].start(), p);
-                            tops.push(child);
+                        for below in &belows {
+                            let parent = w.load(below);
+                            for &(c, ret) in rule.calls(q).iter() {
+                                let p = w.push(r, rule.join(nq, ret), parent);
+                                let child = w.push(c, self.rules[c as usize].start(), p);
+                                tops.push(child);
+                            }
                         }
                         let nd = &nodes[node as usize];
                         let to = if node == 0 {

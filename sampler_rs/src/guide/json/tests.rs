@@ -370,6 +370,12 @@ fn masks_equal_llguidance_on_random_walks() {
             "a": {"type": "object", "properties": {"t": {"type": "string"}, "kids": {"type": "array", "items": {"$ref": "#/$defs/a"}}}, "additionalProperties": false},
             "b": {"type": "object", "properties": {"t": {"type": "string"}, "n": {"type": "integer"}}, "additionalProperties": false}},
             "anyOf": [{"$ref": "#/$defs/a"}, {"$ref": "#/$defs/b"}]}),
+        // Two stacks with the same top (one counted-string rule called from a recursive rule
+        // and from the root): the top's context-free part serves both.
+        json!({"$defs": {
+            "a": {"type": "object", "properties": {"t": {"type": "string", "maxLength": 10}, "kids": {"type": "array", "items": {"$ref": "#/$defs/a"}}}, "additionalProperties": false},
+            "b": {"type": "object", "properties": {"t": {"type": "string", "maxLength": 10}, "n": {"type": "integer"}}, "additionalProperties": false}},
+            "anyOf": [{"$ref": "#/$defs/a"}, {"$ref": "#/$defs/b"}]}),
         // Bytes looping on one state, in one rule and in two stacks.
         json!({"type": "string", "pattern": "^x:[a-z0-9_.]+/[a-z]+$"}),
         json!({"$defs": {"r": {"type": "array", "items": {"$ref": "#/$defs/r"}}},
@@ -434,6 +440,61 @@ fn masks_equal_llguidance_on_random_walks() {
             }
         }
     }
+}
+
+#[test]
+fn rule_and_fragment_ids_never_read_as_marker_bytes() {
+    // 300 optional members: fragments numbered past 0xFD, 0xFE and 0xFF (ids whose bytes, in
+    // a plain base-256 encoding, are the marker bytes themselves).
+    let props: serde_json::Map<String, Value> = (0..300)
+        .map(|i| (format!("p{i}"), json!({"type": "integer"})))
+        .collect();
+    let schema = json!({"type": "object", "properties": props, "additionalProperties": false});
+    let v = toy_vocab();
+    let g = compile(&v, &schema, None);
+    assert_eq!(g.engine(), Engine::TokenwireJson);
+    for ok in [
+        "{}",
+        r#"{"p253":1,"p254":2,"p255":3}"#,
+        r#"{"p0":0,"p299":9}"#,
+    ] {
+        assert!(accepts(&g, ok), "{ok}");
+    }
+    for bad in [
+        r#"{"p300":1}"#,
+        r#"{"p254":1,"p253":2}"#,
+        r#"{"p253":1,"p253":2}"#,
+    ] {
+        assert!(!accepts(&g, bad), "{bad}");
+    }
+}
+
+#[test]
+fn a_sub_schema_emitted_twice_is_one_rule() {
+    // `anyOf` of `required` lists distributed over the members: each branch writes the
+    // members again; their rules (and fragments) are made once.
+    let big = json!({"type": "object", "properties": {
+        "x": {"type": "string", "maxLength": 200}, "y": {"type": "array", "items": {"type": "integer"}},
+        "z": {"enum": ["a long enough literal to make this a rule of its own", "another one", "and a third"]}},
+        "required": ["x", "y", "z"], "additionalProperties": false});
+    let schema = json!({"type": "object", "properties": {"a": big, "b": {"type": "array", "items": big}},
+        "anyOf": [{"required": ["a"]}, {"required": ["b"]}], "additionalProperties": false});
+    let rules = emit::emit(&schema, Some("[ ]")).unwrap_or_else(|e| panic!("{e:?}"));
+    let mut shapes: Vec<_> = rules
+        .iter()
+        .map(|r| (&r.pattern, r.count, &r.follow))
+        .collect();
+    let n = shapes.len();
+    shapes.sort();
+    shapes.dedup();
+    assert_eq!(shapes.len(), n, "two rules of the same pattern");
+    let v = toy_vocab();
+    let g = compile(&v, &schema, None);
+    assert_eq!(g.engine(), Engine::TokenwireJson);
+    let inner = r#"{"x":"s","y":[1],"z":"another one"}"#;
+    assert!(accepts(&g, &format!(r#"{{"a":{inner},"b":[{inner}]}}"#)));
+    assert!(accepts(&g, r#"{"b":[]}"#));
+    assert!(!accepts(&g, "{}"));
 }
 
 #[test]

@@ -271,66 +271,20 @@ def test_maskbench_replay_tekken(tekken: gv.VocabSpec) -> None:
     assert (validation, invalidation) == (0, 0), failures[:5]
 
 
-def test_masks_match_llguidance(vocab: Vocabulary, spm: gv.VocabSpec) -> None:
-    """Along valid instances, our JSON Schema masks (the tokenwire-json engine) equal
-    llguidance's (the PyPI package, behind a canonical tokenizer): a difference is only allowed
-    where llguidance's mask keeps forced text to its canonical tokenization — ours is then a
-    superset, and llguidance's own matcher consumes every extra token — or where JSON (RFC 8259)
-    allows more than llguidance: U+007F unescaped in a string, and the escape `\\/`."""
+@pytest.mark.parametrize(("vocab_name", "k"), [("sentencepiece", 150), ("tekken", 60)])
+def test_masks_match_llguidance(vocab_name: str, k: int, spm: gv.VocabSpec, tekken: gv.VocabSpec) -> None:
+    """Along every valid instance of a seeded maskbench subset, both tokenizers, our JSON Schema
+    masks (the tokenwire-json engine) equal llguidance's (the PyPI package) bit for bit up to the
+    documented policy differences (``bench/guided_oracle.py`` classifies each differing token;
+    ``python bench/guided_oracle.py`` runs the whole corpus)."""
+    pytest.importorskip("llguidance")
+    import guided_oracle
 
-    def json_only(b: bytes) -> bool:
-        return b"\x7f" in b or b"\\/" in b
-
-    llg = pytest.importorskip("llguidance")
-
-    class Tok:
-        eos_token_id = spm.eos
-        bos_token_id = None
-        tokens = [b if b else f"<special_{i}>".encode() for i, b in enumerate(spm.token_bytes)]  # noqa: RUF012
-        special_token_ids = spm.special
-
-        def __call__(self, s: bytes) -> list[int]:
-            return spm.encode(s.decode("utf-8", "replace"))
-
-    tok = llg.LLTokenizer(llg.TokenizerWrapper(Tok()))
-    n = len(vocab)
-    compared = canonical = 0
-    for s in subset(12, 3):
-        opts = {
-            "whitespace_flexible": False,
-            "whitespace_pattern": gr.WHITESPACE,
-            "item_separator": ",",
-            "key_separator": ":",
-        }
-        try:
-            g = Guide.json_schema(vocab, json.dumps(s.schema), whitespace_pattern=gr.WHITESPACE)
-        except ValueError:
-            continue
-        grammar = llg.LLMatcher.grammar_from_json_schema(s.schema, overrides=opts)  # type: ignore[arg-type]
-        m = llg.LLMatcher(tok, grammar, log_level=0)
-        if m.is_error():
-            continue
-        for valid, text in list(gr.instances(s))[:2]:
-            if not valid:
-                continue
-            st = GuideState(g)
-            mm = m.deep_copy()
-            for t in spm.encode(text)[:40]:
-                ours = allowed(mask_of(st, n), n)
-                theirs = allowed(np.frombuffer(mm.compute_bitmask(), dtype=np.uint32).copy(), n)
-                ours[spm.special] = theirs[spm.special] = False
-                compared += 1
-                if (ours != theirs).any():
-                    # Only where llguidance's mask leaves out non-canonical tokenizations of
-                    # forced text: ours is a superset, and its matcher consumes every extra.
-                    assert (ours | theirs == ours).all(), (s.name, text[:80])
-                    extra = [int(x) for x in np.flatnonzero(ours & ~theirs) if not json_only(spm.token_bytes[x])]
-                    assert all(mm.deep_copy().validate_tokens([x]) == 1 for x in extra), (s.name, text[:80])
-                    canonical += 1
-                if not (st.advance(t) and mm.consume_token(t)):
-                    break
-    assert compared > 100
-    print(f"compared {compared} masks, {canonical} differ only by llguidance's canonical forcing")
+    spec = spm if vocab_name == "sentencepiece" else tekken
+    r = guided_oracle.run(spec, subset(k, 3))
+    assert r["schemas_compared"] >= k // 2
+    assert r["masks"] > 20 * k
+    assert r["unclassified_masks"] == 0, r["unclassified"][:5]
 
 
 def test_stub_lists_the_classes() -> None:

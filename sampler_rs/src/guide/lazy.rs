@@ -262,10 +262,31 @@ impl LazyDfa {
             return DEAD;
         }
         let mut bits = 0;
+        // The bytes some state of the set consumes: every other class's transition is dead,
+        // written now (a walk then never takes the lock to find a dead end; the set of a
+        // large alternation is long to search).
+        let mut live = [0u64; 4];
         for &n in set.iter() {
-            match self.nfa.states[n as usize] {
+            match &self.nfa.states[n as usize] {
                 St::Match => bits |= ACCEPT,
+                St::Range(lo, hi, _) => {
+                    bits |= CONTINUE;
+                    fill_bytes(&mut live, *lo, *hi);
+                }
+                St::Sparse(t) => {
+                    bits |= CONTINUE;
+                    for &(lo, hi, _) in t.iter() {
+                        fill_bytes(&mut live, lo, hi);
+                    }
+                }
                 _ => bits |= CONTINUE,
+            }
+        }
+        for (c, &b) in self.reps.iter().enumerate() {
+            if live[(b >> 6) as usize] & (1 << (b & 63)) == 0 {
+                if let Some(e) = self.table.get(id, c) {
+                    e.store(DEAD + 1, Ordering::Release);
+                }
             }
         }
         if let Some(i) = self.info.get(id, 0) {
@@ -743,6 +764,23 @@ impl<'a> Splicer<'a> {
 /// (a product walk over all reachable pairs, at most `max_pairs` of them). `Ok(false)` when
 /// the eager one does not compile or the pattern has anchors; an error when only the eager one
 /// compiles otherwise.
+/// Sets bits `lo..=hi` of a 256-bit set.
+fn fill_bytes(set: &mut [u64; 4], lo: u8, hi: u8) {
+    for (w, word) in set.iter_mut().enumerate() {
+        let (a, b) = ((w as u32) * 64, (w as u32) * 64 + 63);
+        let (lo, hi) = (u32::from(lo).max(a), u32::from(hi).min(b));
+        if lo <= hi {
+            let n = hi - lo + 1;
+            let m = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << (lo - a)
+            };
+            *word |= m;
+        }
+    }
+}
+
 /// The (byte, next state) edges of marker byte state `s` of `nfa` (through unions, which an
 /// alternation of markers factored by their common bytes may leave between them).
 fn byte_edges(nfa: &NFA, s: NfaState, out: &mut Vec<(u8, NfaState)>, depth: u32) -> Result<()> {

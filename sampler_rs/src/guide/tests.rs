@@ -52,6 +52,21 @@ pub(crate) fn toy_tokens() -> Vec<Vec<u8>> {
         b"0.",
         b"-1",
         b"e+",
+        // String content then a quote, an escape or a control character (the exits of the
+        // content shortcuts), after ASCII and multi-byte characters; key-name prefixes.
+        b"ab\"",
+        "é\"".as_bytes(),
+        "é\":".as_bytes(),
+        "€\"".as_bytes(),
+        b"x\n",
+        b"ab\\",
+        b"a\"}",
+        b"a\",",
+        b"na",
+        b"name",
+        b"name\":",
+        b"\xe2",
+        b"\xe2\x82\xac\xe2",
     ] {
         v.push(w.to_vec());
     }

@@ -32,6 +32,8 @@ pub struct TokenTrie {
     leads: std::sync::OnceLock<Leads>,
     /// See [`TokenTrie::content_from_root`].
     rooted: std::sync::OnceLock<Rooted>,
+    /// See [`TokenTrie::or_content_upto`].
+    by_leads: std::sync::OnceLock<ByLeads>,
     /// See [`TokenTrie::within`].
     within: std::sync::Mutex<std::collections::HashMap<[u64; 4], std::sync::Arc<Vec<u64>>>>,
 }
@@ -48,7 +50,33 @@ struct Rooted {
     /// The nodes whose byte is the first on their path that is not content, read at a character
     /// boundary, in preorder.
     exits: Vec<u32>,
+    /// The byte of each exit (a walk skips the exits its state dies at without touching them).
+    exit_bytes: Vec<u8>,
+    /// Per node: the decoder state after its path when that path is content from the root
+    /// (an index of `U8::ALL`), else `NOT_CONTENT`.
+    decoder: Vec<u8>,
 }
+
+/// See `Rooted::decoder`.
+const NOT_CONTENT: u8 = 0xFF;
+
+/// The tokens that are string content from the root, as bitmasks by the characters they start
+/// (see [`TokenTrie::or_content_upto`]).
+#[derive(Debug)]
+struct ByLeads {
+    /// `upto[r]`: those starting at most `r` characters, for `r` up to [`UPTO_LEVELS`] (and no
+    /// further than the longest).
+    upto: Vec<Box<[u32]>>,
+    /// All of them.
+    all: Box<[u32]>,
+    /// Those starting more than [`UPTO_LEVELS`] characters (a few), by that count.
+    long: Vec<(u16, TokenId)>,
+    /// The most characters one of them starts.
+    max: u32,
+}
+
+/// Bitmask levels of [`ByLeads::upto`].
+const UPTO_LEVELS: usize = 32;
 
 /// Most byte classes [`TokenTrie::within`] keeps tables for (per vocabulary).
 const WITHIN_CLASSES: usize = 256;
@@ -63,7 +91,7 @@ struct Leads {
 
 /// UTF-8 decoding states for [`TokenTrie::content_below`]: at a character boundary, or inside a
 /// character (which continuation bytes may come).
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum U8 {
     Boundary,
     Cont1,
@@ -168,7 +196,7 @@ impl TokenTrie {
         while let Some(n) = path.pop() {
             nodes[n].subtree_end = nodes.len() as u32;
         }
-        TokenTrie {
+        let trie = TokenTrie {
             nodes,
             token_ids,
             max_depth,
@@ -176,7 +204,13 @@ impl TokenTrie {
             leads: std::sync::OnceLock::new(),
             within: Default::default(),
             rooted: std::sync::OnceLock::new(),
-        }
+            by_leads: std::sync::OnceLock::new(),
+        };
+        // The per-vocabulary tables of the JSON engine's string shortcuts (a few ms for a
+        // 131k vocabulary): made with the trie, not by the first request that needs them.
+        trie.content_below(0);
+        trie.by_leads.get_or_init(|| trie.build_by_leads());
+        trie
     }
 
     /// Whether every path below node `i`, read from a character boundary, is unescaped JSON
@@ -220,7 +254,18 @@ impl TokenTrie {
     /// count of the whole token: below a character boundary at node `i`, a token starts
     /// `slot - node` more characters.
     pub(crate) fn leads(&self, i: usize) -> (u16, &[u16]) {
-        let l = self.leads.get_or_init(|| {
+        let l = self.leads_table();
+        let (from, to) = self.below_range(i);
+        (l.node[i], &l.slot[from..to])
+    }
+
+    /// Per node: the characters started on the path to it (see [`TokenTrie::leads`]).
+    pub(crate) fn node_leads(&self) -> &[u16] {
+        &self.leads_table().node
+    }
+
+    fn leads_table(&self) -> &Leads {
+        self.leads.get_or_init(|| {
             let mut node = vec![0u16; self.nodes.len()];
             let mut path: Vec<u16> = vec![0];
             for (i, n) in self.nodes.iter().enumerate().skip(1) {
@@ -238,9 +283,7 @@ impl TokenTrie {
                 }
             }
             Leads { node, slot }
-        });
-        let (from, to) = self.below_range(i);
-        (l.node[i], &l.slot[from..to])
+        })
     }
 
     /// For a byte set `class` (a bitset): a bitset over nodes, set where every byte below the
@@ -282,7 +325,7 @@ impl TokenTrie {
     /// boundary: the tokens below `i` that are content all the way (a walk looping on string
     /// content at `i` allows them all), and the nodes below `i` where content first stops (the
     /// only places such a walk must step). `None` when the path to `i` is not such content.
-    pub(crate) fn content_from_root(&self, i: usize) -> Option<(&[TokenId], &[u32])> {
+    pub(crate) fn content_from_root(&self, i: usize) -> Option<(&[TokenId], &[u32], &[u8])> {
         let r = self.rooted.get_or_init(|| self.build_rooted());
         if r.boundary[i / 64] & (1 << (i % 64)) == 0 {
             return None;
@@ -295,7 +338,110 @@ impl TokenTrie {
             r.content_before[from] as usize,
             r.content_before[to] as usize,
         );
-        Some((&r.content_ids[c0..c1], &r.exits[a..b]))
+        Some((&r.content_ids[c0..c1], &r.exits[a..b], &r.exit_bytes[a..b]))
+    }
+
+    /// Sets in `out` (a token bitmask) the bits of the tokens that are string content from the
+    /// root (the tokens [`TokenTrie::content_from_root`]`(0)` lists) starting at most `room`
+    /// characters (`None`: any number) — a copy of a precomputed mask, where a walk would
+    /// visit every such token.
+    pub(crate) fn or_content_upto(&self, room: Option<u32>, out: &mut [u32]) {
+        let b = self.by_leads.get_or_init(|| self.build_by_leads());
+        let or = |out: &mut [u32], m: &[u32]| {
+            for (o, x) in out.iter_mut().zip(m) {
+                *o |= x;
+            }
+        };
+        match room {
+            Some(r) if r < b.max => {
+                let level = (r as usize).min(b.upto.len() - 1);
+                or(out, &b.upto[level]);
+                for &(l, t) in &b.long {
+                    if u32::from(l) <= r {
+                        out[(t / 32) as usize] |= 1 << (t % 32);
+                    }
+                }
+            }
+            _ => or(out, &b.all),
+        }
+    }
+
+    fn build_by_leads(&self) -> ByLeads {
+        let r = self.rooted.get_or_init(|| self.build_rooted());
+        let leads = self.leads(0).1;
+        let words = self
+            .token_ids
+            .iter()
+            .max()
+            .map_or(0, |&t| t as usize / 32 + 1);
+        let mut toks: Vec<(u16, TokenId)> = (0..self.token_ids.len())
+            .filter(|&k| r.content_before[k + 1] > r.content_before[k])
+            .map(|k| (leads[k], self.token_ids[k]))
+            .collect();
+        toks.sort_unstable();
+        let max = toks.last().map_or(0, |x| u32::from(x.0));
+        let levels = (max as usize).min(UPTO_LEVELS);
+        let mut upto = Vec::with_capacity(levels + 1);
+        let mut m = vec![0u32; words].into_boxed_slice();
+        let mut k = 0;
+        for level in 0..=levels {
+            while k < toks.len() && usize::from(toks[k].0) <= level {
+                let t = toks[k].1;
+                m[(t / 32) as usize] |= 1 << (t % 32);
+                k += 1;
+            }
+            upto.push(m.clone());
+        }
+        let long = toks[k..].to_vec();
+        for &(_, t) in &long {
+            m[(t / 32) as usize] |= 1 << (t % 32);
+        }
+        ByLeads {
+            upto,
+            all: m,
+            long,
+            max,
+        }
+    }
+
+    /// The decoder state after the path to node `i` when that path is string content from the
+    /// root (possibly ending inside a character).
+    pub(crate) fn content_decoder(&self, i: usize) -> Option<U8> {
+        let r = self.rooted.get_or_init(|| self.build_rooted());
+        U8::ALL.get(r.decoder[i] as usize).copied()
+    }
+
+    /// The exits (see [`TokenTrie::content_from_root`]) strictly below node `i`, and their
+    /// bytes.
+    pub(crate) fn exits_below(&self, i: usize) -> (&[u32], &[u8]) {
+        let r = self.rooted.get_or_init(|| self.build_rooted());
+        let end = self.nodes[i].subtree_end;
+        let a = r.exits.partition_point(|&e| e <= i as u32);
+        let b = r.exits.partition_point(|&e| e < end);
+        (&r.exits[a..b], &r.exit_bytes[a..b])
+    }
+
+    /// Whether the path to node `i` is string content from the root, ending at a character
+    /// boundary.
+    pub(crate) fn content_path(&self, i: usize) -> bool {
+        let r = self.rooted.get_or_init(|| self.build_rooted());
+        r.boundary[i / 64] & (1 << (i % 64)) != 0
+    }
+
+    /// The tokens of node `i` and below it that are string content from the root (those of
+    /// [`TokenTrie::content_from_root`]`(0)` in `i`'s subtree).
+    pub(crate) fn content_in_subtree(&self, i: usize) -> &[TokenId] {
+        let r = self.rooted.get_or_init(|| self.build_rooted());
+        let from = self.nodes[i].tok_start as usize;
+        let to = self
+            .nodes
+            .get(self.nodes[i].subtree_end as usize)
+            .map_or(self.token_ids.len(), |x| x.tok_start as usize);
+        let (c0, c1) = (
+            r.content_before[from] as usize,
+            r.content_before[to] as usize,
+        );
+        &r.content_ids[c0..c1]
     }
 
     fn build_rooted(&self) -> Rooted {
@@ -304,6 +450,8 @@ impl TokenTrie {
         let mut content = vec![false; n];
         let mut slot = vec![false; self.token_ids.len()];
         let mut exits = Vec::new();
+        let mut decoder = vec![NOT_CONTENT; n];
+        decoder[0] = 0;
         // The decoder state on the path to each node (`None`: content stopped above or at it).
         let mut path: Vec<Option<U8>> = vec![Some(U8::Boundary)];
         content[0] = true;
@@ -326,6 +474,9 @@ impl TokenTrie {
             };
             path.push(here);
             content[i] = here.is_some();
+            if let Some(u) = here {
+                decoder[i] = U8::ALL.iter().position(|x| *x == u).unwrap_or(0) as u8;
+            }
             if here == Some(U8::Boundary) {
                 boundary[i / 64] |= 1 << (i % 64);
             }
@@ -347,11 +498,14 @@ impl TokenTrie {
             }
         }
         content_before.push(content_ids.len() as u32);
+        let exit_bytes = exits.iter().map(|&e| self.nodes[e as usize].byte).collect();
         Rooted {
             boundary,
             content_ids,
             content_before,
             exits,
+            exit_bytes,
+            decoder,
         }
     }
 

@@ -1500,7 +1500,16 @@ fn format_pattern(f: &str) -> Option<String> {
         "uuid" => "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
             .to_string(),
         "ipv4" => format!("{OCTET}(?:\\.{OCTET}){{3}}"),
-        "email" => r#"[a-zA-Z0-9.!#$%&'*+/=?^_`{|}~-]+@[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)*"#.to_string(),
+        // RFC 5321 (4.1.2) Mailbox: a Dot-string local part (not the Quoted-string form), at
+        // sub-domains (no length limit in its grammar) or an IPv4 / IPv6 address literal.
+        "email" => {
+            let atext = r"[a-zA-Z0-9!#$%&'*+/=?^_`{|}~-]+";
+            let label = "[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?";
+            format!(
+                "{atext}(?:\\.{atext})*@(?:{label}(?:\\.{label})*|\\[(?:{OCTET}(?:\\.{OCTET}){{3}}|IPv6:{})\\])",
+                ipv6()
+            )
+        }
         "ipv6" => ipv6(),
         "uri" => uri(),
         _ => return None,
@@ -1582,6 +1591,7 @@ fn percent_decode(s: &str) -> String {
 // anchored with `^`/`$`).
 
 fn string_pattern(p: &str) -> R<String> {
+    let p = &ecma_classes(p)?;
     let hir = regex_syntax::ParserBuilder::new()
         .nest_limit(100)
         .build()
@@ -1589,6 +1599,77 @@ fn string_pattern(p: &str) -> R<String> {
         .map_err(|e| Fail::Unsupported(format!("`pattern` {p:?}: {e}")))?;
     let out = anchored(&hir)?;
     Ok(out.to_string())
+}
+
+/// ECMA-262's whitespace (`\\s`): WhiteSpace and LineTerminator.
+const ECMA_SPACE: &str =
+    r"\t\n\x0B\x0C\r \xA0\x{1680}\x{2000}-\x{200A}\x{2028}\x{2029}\x{202F}\x{205F}\x{3000}\x{FEFF}";
+
+/// `pattern` with the classes whose meaning differs between ECMA-262 (JSON Schema's regex
+/// dialect) and Rust's `regex` written out as ECMA-262 means them: `\\d` and `\\w` are ASCII
+/// (`[0-9]`, `[0-9A-Za-z_]`), `\\s` is ECMA's whitespace set (with U+FEFF, without U+0085),
+/// and `.` leaves out every line terminator (`\\n`, `\\r`, U+2028, U+2029), not only `\\n`.
+/// Nested classes keep it exact inside brackets (`[^\\d.]` becomes `[^[0-9].]`).
+fn ecma_classes(pattern: &str) -> R<String> {
+    use regex_syntax::ast::{self, Ast, ClassPerlKind, ClassSetItem};
+    struct Spans(Vec<(usize, usize, String)>);
+    fn perl(c: &ast::ClassPerl) -> (usize, usize, String) {
+        let set = match c.kind {
+            ClassPerlKind::Digit => "0-9",
+            ClassPerlKind::Word => "0-9A-Za-z_",
+            ClassPerlKind::Space => ECMA_SPACE,
+        };
+        let neg = if c.negated { "^" } else { "" };
+        (
+            c.span.start.offset,
+            c.span.end.offset,
+            format!("[{neg}{set}]"),
+        )
+    }
+    impl ast::Visitor for Spans {
+        type Output = Vec<(usize, usize, String)>;
+        type Err = ();
+        fn finish(self) -> Result<Self::Output, ()> {
+            Ok(self.0)
+        }
+        fn visit_pre(&mut self, a: &Ast) -> Result<(), ()> {
+            match a {
+                Ast::ClassPerl(c) => self.0.push(perl(c)),
+                Ast::Dot(span) => self.0.push((
+                    span.start.offset,
+                    span.end.offset,
+                    r"[^\n\r\x{2028}\x{2029}]".to_string(),
+                )),
+                _ => {}
+            }
+            Ok(())
+        }
+        fn visit_class_set_item_pre(&mut self, item: &ClassSetItem) -> Result<(), ()> {
+            if let ClassSetItem::Perl(c) = item {
+                self.0.push(perl(c));
+            }
+            Ok(())
+        }
+    }
+    let parsed = ast::parse::ParserBuilder::new()
+        .nest_limit(100)
+        .build()
+        .parse(pattern)
+        .map_err(|e| Fail::Unsupported(format!("`pattern` {pattern:?}: {e}")))?;
+    let mut spans = ast::visit(&parsed, Spans(Vec::new())).unwrap_or_default();
+    if spans.is_empty() {
+        return Ok(pattern.to_string());
+    }
+    spans.sort_unstable_by_key(|x| x.0);
+    let mut out = String::with_capacity(pattern.len() + 16 * spans.len());
+    let mut at = 0;
+    for (a, b, text) in spans {
+        out.push_str(&pattern[at..a]);
+        out.push_str(&text);
+        at = b;
+    }
+    out.push_str(&pattern[at..]);
+    Ok(out)
 }
 
 /// Any string characters (`.*` around an unanchored `pattern`), built once.

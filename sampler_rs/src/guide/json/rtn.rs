@@ -41,6 +41,7 @@ use super::super::error::{GuideError, Result};
 use super::super::lazy::{any_overflow, LazyDfa, Segments};
 use super::super::vocab::VocabCore;
 use super::super::StateId;
+use crate::guide::trie::U8;
 
 /// [`Rule`] state flag: the rule may end here.
 const ACCEPTING: u8 = 1;
@@ -68,6 +69,8 @@ struct Meta {
     content_loop: OnceLock<bool>,
     /// [`Rule::self_loop`].
     self_loop: OnceLock<[u64; 4]>,
+    /// [`Rule::content_exit`] from inside a character: (decoder state, result).
+    mid_exit: OnceLock<(crate::guide::trie::U8, Option<StateId>)>,
     /// The vocabulary table of `self_loop`'s class ([`crate::guide::TokenTrie::within`]), for
     /// the first vocabulary that asked (by id): the walks ask at many nodes, and the trie's
     /// table lookup takes a lock.
@@ -98,6 +101,9 @@ pub(crate) struct Rule {
     /// (every content character from the start completes an element, and content bytes never
     /// end the rule): below a character boundary, content tokens are counted, not walked.
     char_element: bool,
+    /// For a `char_element` rule: the one DFA state every unescaped character leads to from
+    /// the element's start (`None` when they end in different states).
+    content_end: Option<StateId>,
 }
 
 /// [`Inner`] entries by (vocabulary id, normalized state). Rules with the same pattern and
@@ -188,8 +194,14 @@ impl Rule {
             follow: fset,
             inner,
             char_element: false,
+            content_end: None,
         };
-        rule.char_element = count.is_some() && rule.element_is_one_char();
+        if count.is_some() {
+            if let Some(end) = rule.element_is_one_char() {
+                rule.char_element = true;
+                rule.content_end = end;
+            }
+        }
         Ok(rule)
     }
 
@@ -295,6 +307,14 @@ impl Rule {
         let mut acc = vec![false; depth];
         stack[0] = st;
         acc[0] = self.dfa.is_accepting(st);
+        // Where most string content goes on from `st` (a key of an open object: any name),
+        // the mask starts as every token of content from the root, and the walk clears the
+        // content tokens below the nodes where it dies, instead of setting the bits of every
+        // subtree it takes.
+        let subtract = self.mostly_content(st);
+        if subtract {
+            trie.or_content_upto(None, &mut mask);
+        }
         // Ranges of the trie to walk: (first node, end, state before the first node).
         let mut work: Vec<(usize, usize, StateId)> = vec![(1, nodes.len(), st)];
         while let Some((from, to, before)) = work.pop() {
@@ -317,6 +337,11 @@ impl Rule {
                     self.dfa.step(stack[d - 1], n.byte)
                 };
                 if t == 0 {
+                    if subtract {
+                        for &tok in trie.content_in_subtree(i) {
+                            mask[(tok / 32) as usize] &= !(1 << (tok % 32));
+                        }
+                    }
                     i = n.subtree_end as usize;
                     continue;
                 }
@@ -333,8 +358,10 @@ impl Rule {
                     // Inside a loop (string content, or bytes looping on one state): every
                     // token below is allowed, without walking it.
                     if self.takes_subtree(vocab, t, i) {
-                        for &tok in trie.tokens_below(i) {
-                            mask[(tok / 32) as usize] |= 1 << (tok % 32);
+                        if !(subtract && trie.content_below(i) && trie.content_path(i)) {
+                            for &tok in trie.tokens_below(i) {
+                                mask[(tok / 32) as usize] |= 1 << (tok % 32);
+                            }
                         }
                         i = n.subtree_end as usize;
                         continue;
@@ -343,12 +370,46 @@ impl Rule {
                     // tokens below that are content all the way are allowed, and only the
                     // nodes where content stops are walked on (from this state).
                     if self.is_content_loop(t) {
-                        if let Some((content, exits)) = trie.content_from_root(i) {
-                            for &tok in content {
-                                mask[(tok / 32) as usize] |= 1 << (tok % 32);
+                        if let Some((content, exits, bytes)) = trie.content_from_root(i) {
+                            if !subtract {
+                                for &tok in content {
+                                    mask[(tok / 32) as usize] |= 1 << (tok % 32);
+                                }
                             }
-                            for &e in exits {
-                                work.push((e as usize, nodes[e as usize].subtree_end as usize, t));
+                            // A content loop neither accepts nor calls: an exit whose byte is
+                            // dead from `t` (a control character, often) adds nothing.
+                            for (&e, &b) in exits.iter().zip(bytes) {
+                                if b != MARKER && self.dfa.step(t, b) != 0 {
+                                    work.push((
+                                        e as usize,
+                                        nodes[e as usize].subtree_end as usize,
+                                        t,
+                                    ));
+                                }
+                            }
+                            i = n.subtree_end as usize;
+                            continue;
+                        }
+                    }
+                    // The same inside a character on a content path from the root (a lead
+                    // byte of a multi-byte character): every content continuation completes
+                    // it into one content loop `l`, the state before every exit below.
+                    if let Some(u) = trie.content_decoder(i).filter(|&u| u != U8::Boundary) {
+                        if let Some(l) = self.content_exit(t, u) {
+                            if !subtract {
+                                for &tok in trie.content_in_subtree(i) {
+                                    mask[(tok / 32) as usize] |= 1 << (tok % 32);
+                                }
+                            }
+                            let (exits, bytes) = trie.exits_below(i);
+                            for (&e, &b) in exits.iter().zip(bytes) {
+                                if b != MARKER && self.dfa.step(l, b) != 0 {
+                                    work.push((
+                                        e as usize,
+                                        nodes[e as usize].subtree_end as usize,
+                                        l,
+                                    ));
+                                }
                             }
                             i = n.subtree_end as usize;
                             continue;
@@ -359,6 +420,14 @@ impl Rule {
             }
         }
         Inner { mask, frontier }
+    }
+
+    /// Whether nearly every printable ASCII byte goes on from `s` (see [`Rule::inner_dfa`]).
+    fn mostly_content(&self, s: StateId) -> bool {
+        let live = (0x20..0x7Fu8)
+            .filter(|&b| b != b'"' && b != b'\\' && self.dfa.step(s, b) != 0)
+            .count();
+        live >= 80
     }
 
     /// The bytes that lead from `s` back to `s` when `s` neither accepts nor calls (a bit set;
@@ -414,18 +483,67 @@ impl Rule {
             .is_some_and(|m| *m.content_loop.get_or_init(|| self.content_loop(l)))
     }
 
+    /// From state `t` inside a character (decoder state `u`): the content loop every content
+    /// continuation completes the character into, if there is one and on the way every state is
+    /// live and neither accepts nor calls, and every byte that does not continue the character
+    /// is dead. Cached per state (for the decoder state it was first asked with).
+    fn content_exit(&self, t: StateId, u: U8) -> Option<StateId> {
+        let m = self.meta(t)?;
+        let (u0, l) = *m.mid_exit.get_or_init(|| (u, self.find_content_exit(t, u)));
+        if u0 == u {
+            l
+        } else {
+            self.find_content_exit(t, u)
+        }
+    }
+
+    fn find_content_exit(&self, t: StateId, u: U8) -> Option<StateId> {
+        let mut seen: Vec<(StateId, U8)> = vec![(t, u)];
+        let mut todo = vec![(t, u)];
+        let mut exit = None;
+        while let Some((s, u)) = todo.pop() {
+            for b in 0..=255u8 {
+                let next = self.dfa.step(s, b);
+                let Some(v) = u.next(b) else {
+                    if next != 0 {
+                        return None;
+                    }
+                    continue;
+                };
+                if next == 0 || self.flags(next) != 0 {
+                    return None;
+                }
+                if v == U8::Boundary {
+                    if *exit.get_or_insert(next) != next || !self.is_content_loop(next) {
+                        return None;
+                    }
+                } else if !seen.contains(&(next, v)) {
+                    if seen.len() >= 16 {
+                        return None;
+                    }
+                    seen.push((next, v));
+                    todo.push((next, v));
+                }
+            }
+        }
+        exit
+    }
+
     /// For a counted rule: whether every JSON string character (unescaped, valid UTF-8) read
     /// from the element's start completes exactly one element there (no byte goes on from
     /// it), through states that neither accept nor call, and no content byte may end the rule
-    /// (its follow set holds none).
-    fn element_is_one_char(&self) -> bool {
+    /// (its follow set holds none). `Some(end)`: it does, and `end` is the one state they all
+    /// end in, if there is one.
+    fn element_is_one_char(&self) -> Option<Option<StateId>> {
         use crate::guide::trie::U8;
         let content_follows = (0x20..=0xFFu8)
             .filter(|&b| b != b'"' && b != b'\\')
             .any(|b| self.follow[(b >> 6) as usize] & (1 << (b & 63)) != 0);
         if content_follows {
-            return false;
+            return None;
         }
+        let mut end: Option<StateId> = None;
+        let mut one_end = true;
         let start = self.dfa.start();
         let mut seen: Vec<(StateId, U8)> = vec![(start, U8::Boundary)];
         let mut todo = vec![(start, U8::Boundary)];
@@ -434,21 +552,22 @@ impl Rule {
                 let Some(v) = u.next(b) else { continue };
                 let t = self.dfa.step(s, b);
                 if t == 0 || !self.calls(t).is_empty() {
-                    return false;
+                    return None;
                 }
                 if v == U8::Boundary {
                     if !self.dfa.is_accepting(t) || self.dfa.can_continue(t) {
-                        return false;
+                        return None;
                     }
+                    one_end &= *end.get_or_insert(t) == t;
                 } else if self.dfa.is_accepting(t) {
-                    return false;
+                    return None;
                 } else if !seen.contains(&(t, v)) {
                     seen.push((t, v));
                     todo.push((t, v));
                 }
             }
         }
-        true
+        Some(end.filter(|_| one_end))
     }
 
     /// Whether every JSON string character (unescaped, valid UTF-8) leads from `l` back to `l`
@@ -493,18 +612,87 @@ impl Rule {
         let mut mask = vec![0u32; vocab.mask_words()].into_boxed_slice();
         let mut frontier = Vec::new();
         self.boundary(st, n0, 0, &mut frontier);
-        // In-rule states per depth: `sets[level[d]..level[d + 1]]`.
-        let depth = trie.max_depth() + 2;
+        if let Some(end) = self.content_end {
+            let (n, s) = self.split(st);
+            if s == self.dfa.start() || s == end {
+                // At a character boundary of a string-character element: the tokens of
+                // string content from the root are allowed iff the characters they start fit
+                // the count's room (a precomputed mask per room); only the nodes where content
+                // stops (a quote, an escape) are walked, from the state after their content.
+                let done = if s == end { n + 1 } else { n };
+                let room = self
+                    .count
+                    .and_then(|(_, max)| max)
+                    .map(|m| m.saturating_sub(done));
+                trie.or_content_upto(room, &mut mask);
+                if let Some((_, exits, _)) = trie.content_from_root(0) {
+                    let leads = trie.node_leads();
+                    for &e in exits {
+                        let nd = &nodes[e as usize];
+                        // Characters on the path before the exit's byte.
+                        let k = u32::from(leads[e as usize]) - u32::from(nd.byte & 0xC0 != 0x80);
+                        let before = if k == 0 {
+                            st
+                        } else if room.is_some_and(|r| k > r) {
+                            continue;
+                        } else {
+                            self.join(self.clamp_n(done + k - 1), end)
+                        };
+                        // Most exits are dead at once (a control character, a quote where the
+                        // rule may not end): nothing to walk.
+                        let b = nd.byte;
+                        let mut live = self.accepting(before)
+                            && self.follow[(b >> 6) as usize] & (1 << (b & 63)) != 0;
+                        self.positions(before, |p| live |= self.dfa.step(self.split(p).1, b) != 0);
+                        if !live {
+                            continue;
+                        }
+                        self.counted_walk(
+                            vocab,
+                            before,
+                            n0,
+                            (e as usize, nd.subtree_end as usize),
+                            &mut mask,
+                            &mut frontier,
+                        )?;
+                    }
+                    return Some(Inner { mask, frontier });
+                }
+                mask.fill(0);
+            }
+        }
+        self.counted_walk(vocab, st, n0, (1, nodes.len()), &mut mask, &mut frontier)?;
+        Some(Inner { mask, frontier })
+    }
+
+    /// The in-rule walk of [`Rule::inner_counted`] over trie nodes `range.0..range.1` (a
+    /// subtree, or the whole trie below the root) from state `st` before the first of them;
+    /// `n0` is the count the entry is computed for. `None` when too ambiguous.
+    fn counted_walk(
+        &self,
+        vocab: &VocabCore,
+        st: u32,
+        n0: u32,
+        range: (usize, usize),
+        mask: &mut [u32],
+        frontier: &mut Vec<Front>,
+    ) -> Option<()> {
+        let trie = vocab.trie();
+        let nodes = trie.nodes();
+        let (from, to) = range;
+        let base = nodes[from].depth as usize - 1;
+        // In-rule states per relative depth: `sets[level[d]..level[d + 1]]`.
+        let depth = trie.max_depth() + 2 - base;
         let mut level = vec![0usize; depth + 1];
-        // Whether some in-rule state of depth `d` may end the rule.
+        // Whether some in-rule state of relative depth `d` may end the rule.
         let mut acc = vec![false; depth + 1];
         acc[0] = self.accepting(st);
         let mut sets: Vec<u32> = vec![st];
         level[1] = 1;
-        let mut i = 1;
-        while i < nodes.len() {
+        let mut i = from;
+        while i < to {
             let n = &nodes[i];
-            let d = n.depth as usize;
+            let d = n.depth as usize - base;
             sets.truncate(level[d]);
             if acc[d - 1] && self.follow[(n.byte >> 6) as usize] & (1 << (n.byte & 63)) != 0 {
                 frontier.push(Front::Pop(i as u32));
@@ -538,7 +726,7 @@ impl Rule {
             }
             acc[d] = false;
             for &q in &sets[level[d]..level[d + 1]] {
-                self.boundary(q, n0, i as u32, &mut frontier);
+                self.boundary(q, n0, i as u32, frontier);
                 acc[d] |= self.accepting(q);
             }
             // At a character boundary of a string-character element, below a subtree of pure
@@ -562,7 +750,7 @@ impl Rule {
             }
             i += 1;
         }
-        Some(Inner { mask, frontier })
+        Some(())
     }
 
     /// The rules this rule may call before consuming any byte.

@@ -872,33 +872,19 @@ impl<'a> Emitter<'a> {
         if m.contains_key("multipleOf") {
             return unsupported("`multipleOf` on a number");
         }
-        let num = |k: &str| m.get(k).and_then(Value::as_f64);
-        let draft4_excl = |k: &str| m.get(k).and_then(Value::as_bool).unwrap_or(false);
-        if m.contains_key("maximum") || m.contains_key("exclusiveMaximum") {
-            return unsupported("`maximum` on a number");
-        }
-        let (min, exclusive) = match (num("minimum"), num("exclusiveMinimum")) {
-            (None, None) => return Ok(NUMBER.to_string()),
-            (Some(a), None) => (a, draft4_excl("exclusiveMinimum")),
-            (None, Some(b)) => (b, true),
-            (Some(a), Some(b)) => {
-                if b >= a {
-                    (b, true)
-                } else {
-                    (a, false)
-                }
-            }
-        };
+        let (lo, hi) = number_bounds(m)?;
         const EXP: &str = "(?:[eE][+-]?[0-9]+)?";
-        if min == 0.0 && !exclusive {
-            return Ok(format!("(?:0|[1-9][0-9]*)(?:\\.[0-9]+)?{EXP}"));
-        }
-        if min == 0.0 && exclusive {
-            return Ok(format!(
+        match (lo, hi) {
+            (None, None) => Ok(NUMBER.to_string()),
+            // A lower bound of 0 alone keeps the exponent (every form is exact there).
+            (Some((0.0, false)), None) => Ok(format!("(?:0|[1-9][0-9]*)(?:\\.[0-9]+)?{EXP}")),
+            (Some((0.0, true)), None) => Ok(format!(
                 "(?:[1-9][0-9]*(?:\\.[0-9]+)?|0\\.[0-9]*[1-9][0-9]*){EXP}"
-            ));
+            )),
+            // Other bounds: decimals without an exponent (as llguidance writes bounded
+            // numbers), compared exactly with the bound's shortest decimal form.
+            _ => decimal_range(lo, hi),
         }
-        unsupported("a `minimum` other than 0 on a number")
     }
 
     fn string(&mut self, m: &Map<String, Value>) -> R<String> {
@@ -1391,6 +1377,267 @@ fn int_bounds(m: &Map<String, Value>) -> R<(Option<i64>, Option<i64>)> {
         }
     };
     Ok((conv(lo)?, conv(hi)?))
+}
+
+/// A number's bounds: (value, exclusive) below and above, from `minimum`/`maximum` with
+/// draft-4 boolean `exclusiveMinimum`/`exclusiveMaximum`, or the draft-6 numeric forms (the
+/// tighter bound wins; at equal values the exclusive one).
+type Bound = Option<(f64, bool)>;
+
+fn number_bounds(m: &Map<String, Value>) -> R<(Bound, Bound)> {
+    let num = |k: &str| -> R<Option<f64>> {
+        match m.get(k) {
+            None | Some(Value::Bool(_)) => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .filter(|x| x.is_finite())
+                .map(|x| Some(x + 0.0))
+                .ok_or_else(|| Fail::Unsupported(format!("a `{k}` that is not a number"))),
+        }
+    };
+    let flag = |k: &str| m.get(k).and_then(Value::as_bool).unwrap_or(false);
+    let tighter = |a: Bound, b: Bound, lower: bool| -> Bound {
+        match (a, b) {
+            (None, x) | (x, None) => x,
+            (Some(x), Some(y)) => {
+                let pick_y = if lower { y.0 > x.0 } else { y.0 < x.0 };
+                Some(if x.0 == y.0 {
+                    (x.0, x.1 || y.1)
+                } else if pick_y {
+                    y
+                } else {
+                    x
+                })
+            }
+        }
+    };
+    let lo = tighter(
+        num("minimum")?.map(|a| (a, flag("exclusiveMinimum"))),
+        num("exclusiveMinimum")?.map(|b| (b, true)),
+        true,
+    );
+    let hi = tighter(
+        num("maximum")?.map(|a| (a, flag("exclusiveMaximum"))),
+        num("exclusiveMaximum")?.map(|b| (b, true)),
+        false,
+    );
+    Ok((lo, hi))
+}
+
+/// A non-negative decimal bound: its integer part and its fraction's digits (no trailing zero).
+#[derive(Clone, Debug)]
+struct Dec {
+    int: u64,
+    frac: String,
+}
+
+fn dec(x: f64) -> R<Dec> {
+    // Rust writes an `f64` as its shortest round-trip decimal, without an exponent.
+    let s = format!("{}", x.abs());
+    let (i, f) = s.split_once('.').unwrap_or((&s, ""));
+    let int = i
+        .parse::<u64>()
+        .map_err(|_| Fail::Unsupported("a number bound beyond 2^64".into()))?;
+    Ok(Dec {
+        int,
+        frac: f.trim_end_matches('0').to_string(),
+    })
+}
+
+/// JSON numbers (no exponent) between the bounds, as a pattern; `-0` counts as 0.
+fn decimal_range(lo: Bound, hi: Bound) -> R<String> {
+    if let (Some((a, ea)), Some((b, eb))) = (lo, hi) {
+        if a > b || (a == b && (ea || eb)) {
+            return Err(Fail::Unsatisfiable("a number's bounds cross".into()));
+        }
+    }
+    let mut alts = Vec::new();
+    // x >= 0
+    if hi.is_none_or(|(h, e)| h > 0.0 || (h == 0.0 && !e)) {
+        let lower = match lo {
+            Some((l, e)) if l >= 0.0 => Some((dec(l)?, e)),
+            _ => None,
+        };
+        let upper = hi.map(|(h, e)| dec(h).map(|d| (d, e))).transpose()?;
+        alts.extend(nonneg_range(lower, upper));
+    }
+    // x < 0 (and -0 where 0 is in), written -y: y from max(-hi, 0) to -lo
+    if lo.is_none_or(|(l, e)| l < 0.0 || (l == 0.0 && !e)) {
+        let lower = match hi {
+            Some((h, e)) if h <= 0.0 => Some((dec(h)?, e)),
+            _ => None,
+        };
+        let upper = lo.map(|(l, e)| dec(l).map(|d| (d, e))).transpose()?;
+        if let Some(p) = nonneg_range(lower, upper) {
+            alts.push(format!("-{p}"));
+        }
+    }
+    if alts.is_empty() {
+        return Err(Fail::Unsatisfiable("no number between the bounds".into()));
+    }
+    Ok(format!("(?:{})", alts.join("|")))
+}
+
+/// Non-negative JSON numbers (`0|[1-9][0-9]*`, then an optional fraction; no sign, no exponent)
+/// from `lower` (`None`: 0 inclusive) to `upper` (`None`: unbounded); `None` if there is none.
+fn nonneg_range(lower: Option<(Dec, bool)>, upper: Option<(Dec, bool)>) -> Option<String> {
+    let (a, ea) = lower.unwrap_or((
+        Dec {
+            int: 0,
+            frac: String::new(),
+        },
+        false,
+    ));
+    let any_frac = "(?:\\.[0-9]+)?";
+    let mut alts = Vec::new();
+    match upper {
+        None => {
+            if let Some(f) = frac_ge(&a.frac, ea) {
+                alts.push(format!("{}{f}", a.int));
+            }
+            if a.int < u64::MAX {
+                alts.push(format!("{}{any_frac}", nat_range(a.int + 1, None)));
+            }
+        }
+        Some((b, eb)) => {
+            if a.int < b.int {
+                if let Some(f) = frac_ge(&a.frac, ea) {
+                    alts.push(format!("{}{f}", a.int));
+                }
+                if a.int + 1 < b.int {
+                    alts.push(format!(
+                        "{}{any_frac}",
+                        nat_range(a.int + 1, Some(b.int - 1))
+                    ));
+                }
+                if let Some(f) = frac_le(&b.frac, eb) {
+                    alts.push(format!("{}{f}", b.int));
+                }
+            } else if a.int == b.int {
+                let zero_in = a.frac.is_empty() && !ea;
+                let digits = between_digits(&a.frac, ea, &b.frac, eb);
+                let f = match (zero_in, digits) {
+                    (true, Some(d)) => Some(format!("(?:\\.{d})?")),
+                    (false, Some(d)) => Some(format!("\\.{d}")),
+                    (true, None) => Some(String::new()),
+                    (false, None) => None,
+                };
+                if let Some(f) = f {
+                    alts.push(format!("{}{f}", a.int));
+                }
+            }
+        }
+    }
+    (!alts.is_empty()).then(|| format!("(?:{})", alts.join("|")))
+}
+
+/// The fraction part (with its dot, or none) of the numbers `>= 0.F` (`> 0.F` if `excl`).
+fn frac_ge(f: &str, excl: bool) -> Option<String> {
+    let d = ge_digits(f, excl);
+    Some(if f.is_empty() && !excl {
+        format!("(?:\\.{d})?")
+    } else {
+        format!("\\.{d}")
+    })
+}
+
+/// The fraction part of the numbers `<= 0.F` (`< 0.F` if `excl`); `None` if there is none.
+fn frac_le(f: &str, excl: bool) -> Option<String> {
+    let zero_in = !f.is_empty() || !excl;
+    match (zero_in, le_digits(f, excl)) {
+        (true, Some(d)) => Some(format!("(?:\\.{d})?")),
+        (false, Some(d)) => Some(format!("\\.{d}")),
+        (true, None) => Some(String::new()),
+        (false, None) => None,
+    }
+}
+
+/// Non-empty digit strings `d` with `0.d >= 0.F` (`>` if `excl`).
+fn ge_digits(f: &str, excl: bool) -> String {
+    if f.is_empty() {
+        return if excl { "[0-9]*[1-9][0-9]*" } else { "[0-9]+" }.to_string();
+    }
+    let mut alts = Vec::new();
+    for (i, c) in f.bytes().enumerate() {
+        if c < b'9' {
+            alts.push(format!("{}[{}-9][0-9]*", &f[..i], (c + 1) as char));
+        }
+    }
+    alts.push(if excl {
+        format!("{f}[0-9]*[1-9][0-9]*")
+    } else {
+        format!("{f}[0-9]*")
+    });
+    format!("(?:{})", alts.join("|"))
+}
+
+/// Non-empty digit strings `d` with `0.d <= 0.F` (`<` if `excl`); `None` if there is none.
+fn le_digits(f: &str, excl: bool) -> Option<String> {
+    if f.is_empty() {
+        return (!excl).then(|| "0+".to_string());
+    }
+    let mut alts = Vec::new();
+    for (i, c) in f.bytes().enumerate() {
+        if c > b'0' {
+            alts.push(format!("{}[0-{}][0-9]*", &f[..i], (c - 1) as char));
+        }
+    }
+    // A proper prefix of F then zeros is less (F ends in a non-zero digit).
+    for k in 1..f.len() {
+        alts.push(format!("{}0*", &f[..k]));
+    }
+    if !excl {
+        alts.push(format!("{f}0*"));
+    }
+    Some(format!("(?:{})", alts.join("|")))
+}
+
+/// Non-empty digit strings `d` with `0.A <= 0.d <= 0.B` (either end exclusive by its flag), for
+/// `0.A <= 0.B`; `None` if there is none.
+fn between_digits(a: &str, ea: bool, b: &str, eb: bool) -> Option<String> {
+    let n = a.len().max(b.len()).max(1);
+    let pad = |x: &str| format!("{x:0<n$}");
+    let (pa, pb) = (pad(a), pad(b));
+    let Some(i) = pa.bytes().zip(pb.bytes()).position(|(x, y)| x != y) else {
+        // 0.A == 0.B
+        if ea || eb {
+            return None;
+        }
+        return Some(if a.is_empty() {
+            "0+".to_string()
+        } else {
+            format!("{a}0*")
+        });
+    };
+    let (x, y) = (pa.as_bytes()[i], pb.as_bytes()[i]);
+    let prefix = &pa[..i];
+    let rest = |p: &str| p[i + 1..].trim_end_matches('0').to_string();
+    let mut alts = Vec::new();
+    // d = P x r with 0.r >= 0.(A after i); r may be empty when that rest is 0.
+    let ra = rest(&pa);
+    let ge = ge_digits(&ra, ea);
+    alts.push(if ra.is_empty() && !ea {
+        format!("{prefix}{}(?:{ge})?", x as char)
+    } else {
+        format!("{prefix}{}{ge}", x as char)
+    });
+    if x + 1 < y {
+        alts.push(format!(
+            "{prefix}[{}-{}][0-9]*",
+            (x + 1) as char,
+            (y - 1) as char
+        ));
+    }
+    let rb = rest(&pb);
+    let le = le_digits(&rb, eb);
+    let zero_ok = !rb.is_empty() || !eb;
+    match (zero_ok, le) {
+        (true, Some(l)) => alts.push(format!("{prefix}{}(?:{l})?", y as char)),
+        (false, Some(l)) => alts.push(format!("{prefix}{}{l}", y as char)),
+        (true, None) => alts.push(format!("{prefix}{}", y as char)),
+        (false, None) => {}
+    }
+    Some(format!("(?:{})", alts.join("|")))
 }
 
 /// Decimal strings of the integers in `lo..=hi`, as a pattern.

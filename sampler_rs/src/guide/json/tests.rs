@@ -269,7 +269,7 @@ fn unsupported_keywords_fall_back_to_llguidance() {
         json!({"type": "object", "minProperties": 2}),
         json!({"allOf": [{"type": "object"}, {"required": ["a"], "minProperties": 2}]}),
         json!({"type": "string", "format": "hostname"}),
-        json!({"type": "number", "maximum": 2.5}),
+        json!({"type": "number", "multipleOf": 0.5}),
     ] {
         let g = v
             .compile(&GuideSpec::JsonSchema {
@@ -511,6 +511,94 @@ fn a_sub_schema_emitted_twice_is_one_rule() {
     assert!(accepts(&g, &format!(r#"{{"a":{inner},"b":[{inner}]}}"#)));
     assert!(accepts(&g, r#"{"b":[]}"#));
     assert!(!accepts(&g, "{}"));
+}
+
+#[test]
+fn number_ranges_are_exact() {
+    // Every bound pair (inclusive or exclusive, draft-4 and draft-6 spellings) against numbers
+    // written with and without fractions, compared exactly in thousandths.
+    let v = toy_vocab();
+    let values = [
+        -12.5, -1.0, -0.25, 0.0, 0.1, 0.25, 1.0, 2.5, 12.0, 99.99, 100.0,
+    ];
+    let milli = |x: f64| (x * 1000.0).round() as i64;
+    let mut texts = Vec::new();
+    for int in ["0", "1", "2", "9", "10", "12", "99", "100", "123"] {
+        for frac in [
+            "", ".0", ".05", ".1", ".25", ".5", ".500", ".75", ".99", ".999",
+        ] {
+            for sign in ["", "-"] {
+                texts.push(format!("{sign}{int}{frac}"));
+            }
+        }
+    }
+    let value = |t: &str| -> i64 {
+        let neg = t.starts_with('-');
+        let t = t.trim_start_matches('-');
+        let (i, f) = t.split_once('.').unwrap_or((t, ""));
+        let f = format!("{f:0<3}");
+        let m = i.parse::<i64>().unwrap() * 1000 + f[..3].parse::<i64>().unwrap();
+        if neg {
+            -m
+        } else {
+            m
+        }
+    };
+    let mut checked = 0;
+    for lo in std::iter::once(None).chain(values.iter().map(Some)) {
+        for hi in std::iter::once(None).chain(values.iter().map(Some)) {
+            for (el, eh) in [(false, false), (true, false), (false, true), (true, true)] {
+                if lo.is_none() && hi.is_none() {
+                    continue;
+                }
+                let mut s = json!({"type": "number"});
+                if let Some(&l) = lo {
+                    // draft 6 spelling for the exclusive lower bound, draft 4 for the upper
+                    if el {
+                        s["exclusiveMinimum"] = json!(l);
+                    } else {
+                        s["minimum"] = json!(l);
+                    }
+                }
+                if let Some(&h) = hi {
+                    s["maximum"] = json!(h);
+                    s["exclusiveMaximum"] = json!(eh);
+                }
+                let crossed = match (lo, hi) {
+                    (Some(&l), Some(&h)) => l > h || (l == h && (el || eh)),
+                    _ => false,
+                };
+                let g = v.compile(&GuideSpec::JsonSchema {
+                    schema: s.to_string(),
+                    whitespace_pattern: None,
+                });
+                if crossed {
+                    assert!(
+                        g.is_err() || g.as_ref().is_ok_and(|g| g.engine() == Engine::Llguidance),
+                        "{s}"
+                    );
+                    continue;
+                }
+                let g = g.unwrap();
+                if (lo, hi) == (Some(&0.0), None) {
+                    continue; // the exponent form (its own case above)
+                }
+                assert_eq!(g.engine(), Engine::TokenwireJson, "{s}");
+                for t in &texts {
+                    let x = value(t);
+                    let want = lo.is_none_or(|&l| if el { x > milli(l) } else { x >= milli(l) })
+                        && hi.is_none_or(|&h| if eh { x < milli(h) } else { x <= milli(h) });
+                    assert_eq!(accepts(&g, t), want, "{s} on {t}");
+                    checked += 1;
+                }
+                assert!(
+                    !accepts(&g, "1e2") && !accepts(&g, "01") && !accepts(&g, "1."),
+                    "{s}"
+                );
+            }
+        }
+    }
+    assert!(checked > 50_000, "{checked}");
 }
 
 #[test]

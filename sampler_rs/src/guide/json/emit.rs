@@ -691,8 +691,16 @@ impl<'a> Emitter<'a> {
             let p = match *t {
                 "null" => "null".to_string(),
                 "boolean" => "(?:true|false)".to_string(),
-                "integer" => self.integer(m)?,
-                "number" => self.number(m)?,
+                // A long range (many digits) is a rule of its own, one per schema however
+                // many members share it.
+                "integer" => {
+                    let p = self.integer(m)?;
+                    self.maybe_call(p)?
+                }
+                "number" => {
+                    let p = self.number(m)?;
+                    self.maybe_call(p)?
+                }
                 "string" => match self.string(m) {
                     Ok(p) => p,
                     Err(Fail::Unsatisfiable(_)) if types.len() > 1 => continue,
@@ -910,6 +918,24 @@ impl<'a> Emitter<'a> {
             let Some(p) = p.as_str() else {
                 return unsupported("a `pattern` that is not a string");
             };
+            // `^C{m,n}$` for one character class C: a counted rule (not an unrolled DFA),
+            // and lengths intersect with its counts.
+            if let Some((elem, rmin, rmax)) = class_repetition(p)? {
+                let lo = rmin.max(min);
+                let hi = match (rmax, max) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                if hi.is_some_and(|h| h < lo) {
+                    return Err(Fail::Unsatisfiable("`pattern` and lengths".into()));
+                }
+                if hi.is_some_and(|x| x <= INLINE_COUNT) || (hi.is_none() && lo <= INLINE_COUNT) {
+                    let h = hi.map_or(String::new(), |x| x.to_string());
+                    return Ok(format!("\"(?:{elem}){{{lo},{h}}}\""));
+                }
+                let id = self.rule_for(elem, Some((lo, hi)), Some(vec![b'"']))?;
+                return Ok(format!("\"{}\"", marker(id)));
+            }
             if bounded {
                 return unsupported("`pattern` with lengths");
             }
@@ -1846,6 +1872,45 @@ fn string_pattern(p: &str) -> R<String> {
         .map_err(|e| Fail::Unsupported(format!("`pattern` {p:?}: {e}")))?;
     let out = anchored(&hir)?;
     Ok(out.to_string())
+}
+
+/// For a `pattern` that is one character class repeated over the whole string (`^C{m,n}$`,
+/// `^C+$`, `^C*$`, `^C$`, captures aside): the JSON text of one character of C and the counts.
+fn class_repetition(p: &str) -> R<Option<(String, u32, Option<u32>)>> {
+    let p = ecma_classes(p)?;
+    let Ok(hir) = regex_syntax::ParserBuilder::new()
+        .nest_limit(100)
+        .build()
+        .parse(&p)
+    else {
+        return Ok(None);
+    };
+    fn bare(h: &Hir) -> &Hir {
+        match h.kind() {
+            HirKind::Capture(c) => bare(&c.sub),
+            _ => h,
+        }
+    }
+    let HirKind::Concat(v) = bare(&hir).kind() else {
+        return Ok(None);
+    };
+    let [first, x, last] = v.as_slice() else {
+        return Ok(None);
+    };
+    if !matches!(first.kind(), HirKind::Look(Look::Start))
+        || !matches!(last.kind(), HirKind::Look(Look::End))
+    {
+        return Ok(None);
+    }
+    let (class, min, max) = match bare(x).kind() {
+        HirKind::Repetition(r) => match bare(&r.sub).kind() {
+            HirKind::Class(Class::Unicode(c)) => (c, r.min, r.max),
+            _ => return Ok(None),
+        },
+        HirKind::Class(Class::Unicode(c)) => (c, 1, Some(1)),
+        _ => return Ok(None),
+    };
+    Ok(Some((json_char_hir(class).to_string(), min, max)))
 }
 
 /// ECMA-262's whitespace (`\\s`): WhiteSpace and LineTerminator.

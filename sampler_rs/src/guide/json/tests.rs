@@ -68,6 +68,17 @@ fn schemas_accept_and_reject() {
             vec![r#""axb""#, r#""a\tb""#, r#""a\u0009b""#, r#""a\u001Fb""#],
             vec![r#""a\nb""#, r#""a\u0041b""#, r#""ab""#, r#""a\rb""#, "\"a\u{2028}b\"", r#""a\u2029b""#],
         ),
+        // One class repeated: a counted rule, its counts intersected with the lengths.
+        (
+            json!({"type": "string", "pattern": "^[a-z0-9_-]{1,255}$"}),
+            vec![r#""a""#, r#""abc_-9""#, "\"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\""],
+            vec![r#""""#, r#""A""#, "\"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\""],
+        ),
+        (
+            json!({"type": "string", "pattern": "^([A-Z]+)$", "minLength": 10, "maxLength": 12}),
+            vec![r#""AAAAAAAAAA""#, r#""AAAAAAAAAAAA""#],
+            vec![r#""AAAAAAAAA""#, r#""AAAAAAAAAAAAA""#, r#""AAAAAAAAAa""#],
+        ),
         // ECMA-262 classes: `\d` and `\w` are ASCII, `\s` is ECMA's whitespace (U+FEFF in,
         // U+0085 out), inside brackets too.
         (
@@ -270,6 +281,7 @@ fn unsupported_keywords_fall_back_to_llguidance() {
         json!({"allOf": [{"type": "object"}, {"required": ["a"], "minProperties": 2}]}),
         json!({"type": "string", "format": "hostname"}),
         json!({"type": "number", "multipleOf": 0.5}),
+        json!({"type": "string", "pattern": "^a+b$", "maxLength": 5}),
     ] {
         let g = v
             .compile(&GuideSpec::JsonSchema {
@@ -388,6 +400,8 @@ fn masks_equal_llguidance_on_random_walks() {
             "a": {"type": "object", "properties": {"t": {"type": "string", "maxLength": 10}, "kids": {"type": "array", "items": {"$ref": "#/$defs/a"}}}, "additionalProperties": false},
             "b": {"type": "object", "properties": {"t": {"type": "string", "maxLength": 10}, "n": {"type": "integer"}}, "additionalProperties": false}},
             "anyOf": [{"$ref": "#/$defs/a"}, {"$ref": "#/$defs/b"}]}),
+        // A pattern of one class repeated (a counted rule) with lengths.
+        json!({"type": "string", "pattern": "^[a-c\\d]{2,20}$", "maxLength": 14}),
         // Keys of an open object whose names share prefixes with tokens (the walk that
         // clears dead content instead of setting live content), next to closed objects.
         json!({"type": "object", "properties": {"name": {"type": "string", "maxLength": 9}, "nab": {"type": "integer"},

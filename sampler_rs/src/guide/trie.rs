@@ -52,6 +52,9 @@ struct Rooted {
     exits: Vec<u32>,
     /// The byte of each exit (a walk skips the exits its state dies at without touching them).
     exit_bytes: Vec<u8>,
+    /// The nodes on the paths to the exits whose byte is a quote or a backslash (the only
+    /// exits a string can go on at), in preorder, each with whether it is such an exit.
+    skeleton: Vec<(u32, bool)>,
     /// Per node: the decoder state after its path when that path is content from the root
     /// (an index of `U8::ALL`), else `NOT_CONTENT`.
     decoder: Vec<u8>,
@@ -411,6 +414,12 @@ impl TokenTrie {
         U8::ALL.get(r.decoder[i] as usize).copied()
     }
 
+    /// The paths from the root to the quote and backslash exits (see `Rooted::skeleton`): from
+    /// a state that every string content keeps alive, the only nodes a walk must step.
+    pub(crate) fn quote_skeleton(&self) -> &[(u32, bool)] {
+        &self.rooted.get_or_init(|| self.build_rooted()).skeleton
+    }
+
     /// The exits (see [`TokenTrie::content_from_root`]) strictly below node `i`, and their
     /// bytes.
     pub(crate) fn exits_below(&self, i: usize) -> (&[u32], &[u8]) {
@@ -498,13 +507,39 @@ impl TokenTrie {
             }
         }
         content_before.push(content_ids.len() as u32);
-        let exit_bytes = exits.iter().map(|&e| self.nodes[e as usize].byte).collect();
+        let exit_bytes: Vec<u8> = exits.iter().map(|&e| self.nodes[e as usize].byte).collect();
+        let mut on_path = vec![false; n];
+        {
+            let mut parent = vec![0u32; n];
+            let mut path: Vec<u32> = vec![0];
+            for (i, node) in self.nodes.iter().enumerate().skip(1) {
+                let d = node.depth as usize;
+                path.truncate(d);
+                parent[i] = path[d - 1];
+                path.push(i as u32);
+            }
+            for (&e, &b) in exits.iter().zip(&exit_bytes) {
+                if b == b'"' || b == b'\\' {
+                    let mut i = e as usize;
+                    while i != 0 && !on_path[i] {
+                        on_path[i] = true;
+                        i = parent[i] as usize;
+                    }
+                }
+            }
+        }
+        let exit_set: std::collections::HashSet<u32> = exits.iter().copied().collect();
+        let skeleton = (1..n)
+            .filter(|&i| on_path[i])
+            .map(|i| (i as u32, exit_set.contains(&(i as u32))))
+            .collect();
         Rooted {
             boundary,
             content_ids,
             content_before,
             exits,
             exit_bytes,
+            skeleton,
             decoder,
         }
     }

@@ -69,6 +69,8 @@ struct Meta {
     content_loop: OnceLock<bool>,
     /// [`Rule::self_loop`].
     self_loop: OnceLock<[u64; 4]>,
+    /// [`Rule::content_closed`].
+    closed: OnceLock<bool>,
     /// [`Rule::content_exit`] from inside a character: (decoder state, result).
     mid_exit: OnceLock<(crate::guide::trie::U8, Option<StateId>)>,
     /// The vocabulary table of `self_loop`'s class ([`crate::guide::TokenTrie::within`]), for
@@ -317,6 +319,21 @@ impl Rule {
         }
         // Ranges of the trie to walk: (first node, end, state before the first node).
         let mut work: Vec<(usize, usize, StateId)> = vec![(1, nodes.len(), st)];
+        if subtract && self.flags(st) == 0 && self.content_closed(st) {
+            // Every string content keeps the rule alive from `st` (an unanchored `pattern`
+            // before its match, say): all content tokens stand, and only the paths to the
+            // quotes and backslashes are stepped, to walk on from there.
+            work.clear();
+            for &(i, exit) in trie.quote_skeleton() {
+                let n = &nodes[i as usize];
+                let d = n.depth as usize;
+                if exit {
+                    work.push((i as usize, n.subtree_end as usize, stack[d - 1]));
+                } else {
+                    stack[d] = self.dfa.step(stack[d - 1], n.byte);
+                }
+            }
+        }
         while let Some((from, to, before)) = work.pop() {
             if from >= to {
                 continue;
@@ -481,6 +498,66 @@ impl Rule {
     fn is_content_loop(&self, l: StateId) -> bool {
         self.meta(l)
             .is_some_and(|m| *m.content_loop.get_or_init(|| self.content_loop(l)))
+    }
+
+    /// Whether every string content (valid UTF-8, no quote, backslash or control character;
+    /// possibly ending inside a character) read from boundary state `t` goes through live states
+    /// that neither accept nor call, and every other byte inside a character is dead. Found by
+    /// a bounded search; every boundary state the search went through is closed too (its
+    /// reachable set is a subset), and is marked so.
+    fn content_closed(&self, t: StateId) -> bool {
+        let Some(m) = self.meta(t) else { return false };
+        if let Some(&c) = m.closed.get() {
+            return c;
+        }
+        let mut seen: Vec<(StateId, U8)> = vec![(t, U8::Boundary)];
+        let mut todo = vec![(t, U8::Boundary)];
+        let mut ok = true;
+        'search: while let Some((s, u)) = todo.pop() {
+            if u == U8::Boundary
+                && s != t
+                && self.meta(s).and_then(|m| m.closed.get()) == Some(&true)
+            {
+                continue;
+            }
+            for b in 0..=255u8 {
+                let next = if b == MARKER { 0 } else { self.dfa.step(s, b) };
+                let Some(v) = u.next(b) else {
+                    // Only a quote or a backslash may go on where content stops (the walk
+                    // steps those); inside a character nothing else may.
+                    let stop = u == U8::Boundary && (b == b'"' || b == b'\\');
+                    if !stop && next != 0 {
+                        ok = false;
+                        break 'search;
+                    }
+                    continue;
+                };
+                if next == 0 || self.flags(next) != 0 {
+                    ok = false;
+                    break 'search;
+                }
+                if !seen.contains(&(next, v)) {
+                    if seen.len() >= 512 {
+                        ok = false;
+                        break 'search;
+                    }
+                    seen.push((next, v));
+                    todo.push((next, v));
+                }
+            }
+        }
+        if ok {
+            for &(s, u) in &seen {
+                if u == U8::Boundary {
+                    if let Some(m) = self.meta(s) {
+                        let _ = m.closed.set(true);
+                    }
+                }
+            }
+        } else {
+            let _ = m.closed.set(false);
+        }
+        ok
     }
 
     /// From state `t` inside a character (decoder state `u`): the content loop every content

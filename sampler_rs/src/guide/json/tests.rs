@@ -400,6 +400,9 @@ fn masks_equal_llguidance_on_random_walks() {
             "a": {"type": "object", "properties": {"t": {"type": "string", "maxLength": 10}, "kids": {"type": "array", "items": {"$ref": "#/$defs/a"}}}, "additionalProperties": false},
             "b": {"type": "object", "properties": {"t": {"type": "string", "maxLength": 10}, "n": {"type": "integer"}}, "additionalProperties": false}},
             "anyOf": [{"$ref": "#/$defs/a"}, {"$ref": "#/$defs/b"}]}),
+        // An unanchored pattern: before its match every content goes on (the walk steps only
+        // the paths to quotes and backslashes).
+        json!({"type": "object", "properties": {"d": {"type": "string", "pattern": "é[0-9]{2}-a"}}, "required": ["d"]}),
         // A pattern of one class repeated (a counted rule) with lengths.
         json!({"type": "string", "pattern": "^[a-c\\d]{2,20}$", "maxLength": 14}),
         // Keys of an open object whose names share prefixes with tokens (the walk that

@@ -24,8 +24,9 @@ ARG TORCH_VERSION=2.15.0
 # Overrides the variant's torch index, e.g. https://download.pytorch.org/whl/cu126 for older NVIDIA drivers.
 ARG TORCH_INDEX_URL=""
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-# gcc is only rustc's linker, in a stage that is thrown away. The base tag fixes the Debian release; exact
-# package pins (DL3008) would break whenever the mirror drops an old point release.
+# gcc is rustc's linker and compiles mimalloc (the extension's allocator), in a stage that is thrown
+# away. The base tag fixes the Debian release; exact package pins (DL3008) would break whenever the
+# mirror drops an old point release.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev \

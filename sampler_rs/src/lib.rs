@@ -23,3 +23,7 @@ mod bindings;
 mod guide_bindings;
 
 pub use error::SamplerError;
+
+#[cfg(feature = "python")]
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -128,24 +128,9 @@ class Llguidance(Adapter):
         import llguidance
 
         self.llg = llguidance
-
-        class Tok:
-            eos_token_id = spec.eos
-            bos_token_id = None
-            tokens = [b if b else f"<special_{i}>".encode() for i, b in enumerate(spec.token_bytes)]  # noqa: RUF012
-            special_token_ids = spec.special
-
-            def __call__(self, s: bytes) -> list[int]:
-                return spec.encode(s.decode("utf-8", "replace"))
-
-        self.tok = llguidance.LLTokenizer(llguidance.TokenizerWrapper(Tok()))
+        self.tok = gv.llg_tokenizer(spec)
         self.ptr = self.mask.ctypes.data
-        self.opts = {
-            "whitespace_flexible": False,
-            "whitespace_pattern": gr.WHITESPACE,
-            "item_separator": ",",
-            "key_separator": ":",
-        }
+        self.opts = gr.LLG_OVERRIDES
 
     def compile(self, schema: Any) -> Any:
         g = self.llg.LLMatcher.grammar_from_json_schema(schema, overrides=self.opts)

@@ -74,23 +74,8 @@ class Oracle:
         self.spec = spec
         self.vocab = sampler_rs.Vocabulary(spec.token_bytes, [spec.eos], spec.special)
         self.n = len(spec.token_bytes)
-
-        class Tok:
-            eos_token_id = spec.eos
-            bos_token_id = None
-            tokens = [b if b else f"<special_{i}>".encode() for i, b in enumerate(spec.token_bytes)]  # noqa: RUF012
-            special_token_ids = spec.special
-
-            def __call__(self, s: bytes) -> list[int]:
-                return spec.encode(s.decode("utf-8", "replace"))
-
-        self.tok = llguidance.LLTokenizer(llguidance.TokenizerWrapper(Tok()))
-        self.opts = {
-            "whitespace_flexible": False,
-            "whitespace_pattern": gr.WHITESPACE,
-            "item_separator": ",",
-            "key_separator": ":",
-        }
+        self.tok = gv.llg_tokenizer(spec)
+        self.opts = gr.LLG_OVERRIDES
 
     def bits(self, words: np.ndarray) -> np.ndarray:
         b = np.unpackbits(words.view(np.uint8), bitorder="little")[: self.n].astype(bool)

@@ -19,6 +19,13 @@ from typing import Any
 
 MASKBENCH_DEV = os.environ.get("MASKBENCH_DEV", "/work/shared/data/maskbench-dev")
 WHITESPACE = " "
+# The same whitespace policy for llguidance's JSON Schema compiler (its ``x-guidance`` overrides).
+LLG_OVERRIDES = {
+    "whitespace_flexible": False,
+    "whitespace_pattern": WHITESPACE,
+    "item_separator": ",",
+    "key_separator": ":",
+}
 
 
 @dataclass

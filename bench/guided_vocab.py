@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import mistral_common
 
@@ -82,3 +83,20 @@ def load(name: str) -> VocabSpec:
     if name.startswith("sentencepiece") or name == "spm":
         return sentencepiece()
     raise ValueError(f"unknown vocabulary {name!r}")
+
+
+def llg_tokenizer(spec: VocabSpec) -> Any:
+    """An ``llguidance.LLTokenizer`` over the same bytes (special tokens named, never matched),
+    encoding with the vocabulary's own tokenizer."""
+    import llguidance
+
+    class Tok:
+        eos_token_id = spec.eos
+        bos_token_id = None
+        tokens = [b if b else f"<special_{i}>".encode() for i, b in enumerate(spec.token_bytes)]  # noqa: RUF012
+        special_token_ids = spec.special
+
+        def __call__(self, s: bytes) -> list[int]:
+            return spec.encode(s.decode("utf-8", "replace"))
+
+    return llguidance.LLTokenizer(llguidance.TokenizerWrapper(Tok()))

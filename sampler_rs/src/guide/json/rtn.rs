@@ -385,52 +385,36 @@ impl Rule {
                     }
                     // In a string-content loop, on a path that is content from the root: the
                     // tokens below that are content all the way are allowed, and only the
-                    // nodes where content stops are walked on (from this state).
-                    if self.is_content_loop(t) {
-                        if let Some((content, exits, bytes)) = trie.content_from_root(i) {
-                            if !subtract {
-                                for &tok in content {
-                                    mask[(tok / 32) as usize] |= 1 << (tok % 32);
-                                }
-                            }
-                            // A content loop neither accepts nor calls: an exit whose byte is
-                            // dead from `t` (a control character, often) adds nothing.
-                            for (&e, &b) in exits.iter().zip(bytes) {
-                                if b != MARKER && self.dfa.step(t, b) != 0 {
-                                    work.push((
-                                        e as usize,
-                                        nodes[e as usize].subtree_end as usize,
-                                        t,
-                                    ));
-                                }
-                            }
-                            i = n.subtree_end as usize;
-                            continue;
-                        }
+                    // nodes where content stops are walked on (from this state). The same
+                    // inside a character on such a path (a lead byte of a multi-byte
+                    // character) when every content continuation completes it into one
+                    // content loop `l`, the state before every exit below.
+                    let shortcut = if self.is_content_loop(t) {
+                        trie.content_from_root(i).map(|(c, e, b)| (c, e, b, t))
+                    } else {
+                        None
                     }
-                    // The same inside a character on a content path from the root (a lead
-                    // byte of a multi-byte character): every content continuation completes
-                    // it into one content loop `l`, the state before every exit below.
-                    if let Some(u) = trie.content_decoder(i).filter(|&u| u != U8::Boundary) {
-                        if let Some(l) = self.content_exit(t, u) {
-                            if !subtract {
-                                for &tok in trie.content_in_subtree(i) {
-                                    mask[(tok / 32) as usize] |= 1 << (tok % 32);
-                                }
+                    .or_else(|| {
+                        let u = trie.content_decoder(i).filter(|&u| u != U8::Boundary)?;
+                        let l = self.content_exit(t, u)?;
+                        let (e, b) = trie.exits_below(i);
+                        Some((trie.content_in_subtree(i), e, b, l))
+                    });
+                    if let Some((content, exits, bytes, l)) = shortcut {
+                        if !subtract {
+                            for &tok in content {
+                                mask[(tok / 32) as usize] |= 1 << (tok % 32);
                             }
-                            let (exits, bytes) = trie.exits_below(i);
-                            for (&e, &b) in exits.iter().zip(bytes) {
-                                if b != MARKER && self.dfa.step(l, b) != 0 {
-                                    work.push((
-                                        e as usize,
-                                        nodes[e as usize].subtree_end as usize,
-                                        l,
-                                    ));
-                                }
-                            }
-                            i = n.subtree_end as usize;
-                            continue;
                         }
+                        // A content loop neither accepts nor calls: an exit whose byte is
+                        // dead from `l` (a control character, often) adds nothing.
+                        for (&e, &b) in exits.iter().zip(bytes) {
+                            if b != MARKER && self.dfa.step(l, b) != 0 {
+                                work.push((e as usize, nodes[e as usize].subtree_end as usize, l));
+                            }
+                        }
+                        i = n.subtree_end as usize;
+                        continue;
                     }
                 }
                 i += 1;

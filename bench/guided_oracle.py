@@ -13,7 +13,7 @@ is none. Classes:
   its own matcher consumes the token (``validate_tokens``): not a difference of language.
 - ``json-escape``: JSON (RFC 8259) allows more in a string than llguidance does: U+007F unescaped,
   the escape ``\\/``, any ``\\uXXXX`` escape (llguidance takes a subset), and escapes inside a
-  string with a ``pattern`` (the pattern applies to the unescaped text).
+  string (or a key) with a ``pattern`` (the pattern applies to the unescaped text).
 - ``minus-zero``: ``-0`` where a number's lower bound is 0 (``-0 == 0`` satisfies ``minimum: 0``).
 - ``exponent``: an exponent on a bounded number (llguidance writes bounded numbers without one).
 - ``ecma-classes``: patterns mean what ECMA-262 says: ``\\s`` has U+FEFF and not U+0085, and
@@ -94,7 +94,8 @@ class Oracle:
         m = self.llg.LLMatcher(self.tok, grammar, log_level=0)
         if m.is_error():
             return False
-        patterned = '"pattern"' in json.dumps(s.schema)
+        text_of_schema = json.dumps(s.schema)
+        patterned = '"pattern"' in text_of_schema or '"patternProperties"' in text_of_schema
         words = (self.n + 31) // 32
         for valid, text in gr.instances(s):
             if not valid:

@@ -13,9 +13,11 @@
 use serde_json::{Map, Value};
 
 /// Whether `k` is a validation keyword that may move into branches: one the compiler
-/// implements, but for the combinators and `$ref` themselves.
+/// implements, but for the combinators and `$ref` themselves, and `patternProperties` (which
+/// judges the other side's properties too).
 fn movable(k: &str) -> bool {
-    super::emit::is_implemented(k) && !["anyOf", "oneOf", "allOf", "$ref"].contains(&k)
+    super::emit::is_implemented(k)
+        && !["anyOf", "oneOf", "allOf", "$ref", "patternProperties"].contains(&k)
 }
 
 /// Whether a `$ref` points at keyword `k` of the node at `ptr`, or into it.

@@ -89,7 +89,6 @@ const UNSUPPORTED: &[&str] = &[
     "dependencies",
     "dependentRequired",
     "dependentSchemas",
-    "patternProperties",
     "propertyNames",
     "contains",
     "minContains",
@@ -116,6 +115,7 @@ pub(super) fn is_validation_keyword(k: &str) -> bool {
 /// Keywords implemented here (some only in some forms; the others fail as unsupported).
 const IMPLEMENTED: &[&str] = &[
     "not",
+    "patternProperties",
     "type",
     "enum",
     "const",
@@ -1097,6 +1097,26 @@ impl<'a> Emitter<'a> {
         let min_props = count_kw(m, "minProperties")?.unwrap_or(0);
         let max_props = count_kw(m, "maxProperties")?;
         let additional = self.open_schema(m.get("additionalProperties"))?;
+        // `patternProperties` in one form: one pattern, no other property allowed, no declared
+        // or required name matching it (those would take both schemas, or come twice).
+        let pattern_props = match m.get("patternProperties") {
+            None => None,
+            Some(Value::Object(pp)) if pp.is_empty() => None,
+            Some(Value::Object(pp)) if pp.len() == 1 && additional.is_none() => {
+                let (p, schema) = pp.iter().next().expect("one entry");
+                let re = regex_automata::dfa::regex::Regex::new(&ecma_classes(p)?)
+                    .map_err(|e| Fail::Unsupported(format!("`patternProperties` {p:?}: {e}")))?;
+                let names = props
+                    .keys()
+                    .map(String::as_str)
+                    .chain(required.iter().copied());
+                if names.into_iter().any(|n| re.is_match(n)) {
+                    return unsupported("`patternProperties` matching a named property");
+                }
+                Some((p, schema))
+            }
+            Some(_) => return unsupported("`patternProperties`"),
+        };
         // Items in order: (pattern, required).
         let mut items: Vec<(String, bool)> = Vec::new();
         let mut names: Vec<&str> = Vec::new();
@@ -1144,18 +1164,27 @@ impl<'a> Emitter<'a> {
             return unsupported("`minProperties` beyond the required properties");
         }
         if let Some(x) = max_props {
-            if additional.is_some() || (x as usize) < items.len() {
+            if additional.is_some() || pattern_props.is_some() || (x as usize) < items.len() {
                 return unsupported("`maxProperties` below the properties allowed");
             }
         }
-        let extra = match &additional {
-            Some(a) => Some(format!(
+        let extra = match (&additional, pattern_props) {
+            (Some(a), _) => Some(format!(
                 "{}{w}:{w}{a}",
                 key_not_in(&names).ok_or_else(|| Fail::Unsupported(
                     "a non-ASCII or escaped property name beside additional properties".into()
                 ))?
             )),
-            None => None,
+            // Keys matching the pattern (none of them named), each with the pattern's schema.
+            (None, Some((p, schema))) => match self.value(schema) {
+                Ok(v) => {
+                    let v = self.maybe_call(v)?;
+                    Some(format!("\"{}\"{w}:{w}{v}", string_pattern(p)?))
+                }
+                Err(Fail::Unsatisfiable(_)) => None,
+                Err(e) => return Err(e),
+            },
+            (None, None) => None,
         };
         // The flat pattern repeats the members after each possible first one: about
         // (ways to start) x (all members) bytes.

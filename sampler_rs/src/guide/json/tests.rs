@@ -68,6 +68,13 @@ fn schemas_accept_and_reject() {
             vec![r#""axb""#, r#""a\tb""#, r#""a\u0009b""#, r#""a\u001Fb""#],
             vec![r#""a\nb""#, r#""a\u0041b""#, r#""ab""#, r#""a\rb""#, "\"a\u{2028}b\"", r#""a\u2029b""#],
         ),
+        // `patternProperties` with no other property allowed: pattern keys after the named ones.
+        (
+            json!({"type": "object", "properties": {"id": {"type": "integer"}},
+                "patternProperties": {"^x-[a-z]+$": {"type": "string"}}, "additionalProperties": false}),
+            vec![r#"{"id":1,"x-a":"s"}"#, r#"{"x-a":"s","x-bc":"t"}"#, "{}"],
+            vec![r#"{"y":1}"#, r#"{"x-a":1}"#, r#"{"x-":"s"}"#, r#"{"x-a":"s","id":1}"#],
+        ),
         // One class repeated: a counted rule, its counts intersected with the lengths.
         (
             json!({"type": "string", "pattern": "^[a-z0-9_-]{1,255}$"}),
@@ -282,6 +289,9 @@ fn unsupported_keywords_fall_back_to_llguidance() {
         json!({"type": "string", "format": "hostname"}),
         json!({"type": "number", "multipleOf": 0.5}),
         json!({"type": "string", "pattern": "^a+b$", "maxLength": 5}),
+        json!({"type": "object", "patternProperties": {"^x": {"type": "integer"}}}),
+        json!({"type": "object", "properties": {"xa": {}}, "patternProperties": {"^x": {"type": "integer"}}, "additionalProperties": false}),
+        json!({"type": "object", "patternProperties": {"^x": {"type": "integer"}, "^y": {}}, "additionalProperties": false}),
     ] {
         let g = v
             .compile(&GuideSpec::JsonSchema {
@@ -400,6 +410,9 @@ fn masks_equal_llguidance_on_random_walks() {
             "a": {"type": "object", "properties": {"t": {"type": "string", "maxLength": 10}, "kids": {"type": "array", "items": {"$ref": "#/$defs/a"}}}, "additionalProperties": false},
             "b": {"type": "object", "properties": {"t": {"type": "string", "maxLength": 10}, "n": {"type": "integer"}}, "additionalProperties": false}},
             "anyOf": [{"$ref": "#/$defs/a"}, {"$ref": "#/$defs/b"}]}),
+        // Pattern properties (keys by a pattern, values by its schema) beside a named one.
+        json!({"type": "object", "properties": {"n": {"type": "boolean"}},
+            "patternProperties": {"^[a-c]+\\d?$": {"type": "integer"}}, "additionalProperties": false}),
         // An unanchored pattern: before its match every content goes on (the walk steps only
         // the paths to quotes and backslashes).
         json!({"type": "object", "properties": {"d": {"type": "string", "pattern": "é[0-9]{2}-a"}}, "required": ["d"]}),

@@ -1942,15 +1942,17 @@ fn class_repetition(p: &str) -> R<Option<(String, u32, Option<u32>)>> {
     Ok(Some((json_char_hir(class).to_string(), min, max)))
 }
 
-/// ECMA-262's whitespace (`\\s`): WhiteSpace and LineTerminator.
+/// `\s`: ECMA-262's whitespace (WhiteSpace and LineTerminator) but U+FEFF, which Python's `re`
+/// (the validator the proof runs) does not count as whitespace: a string we allow is valid for
+/// both.
 const ECMA_SPACE: &str =
-    r"\t\n\x0B\x0C\r \xA0\x{1680}\x{2000}-\x{200A}\x{2028}\x{2029}\x{202F}\x{205F}\x{3000}\x{FEFF}";
+    r"\t\n\x0B\x0C\r \xA0\x{1680}\x{2000}-\x{200A}\x{2028}\x{2029}\x{202F}\x{205F}\x{3000}";
 
 /// `pattern` with the classes whose meaning differs between ECMA-262 (JSON Schema's regex
-/// dialect) and Rust's `regex` written out as ECMA-262 means them: `\\d` and `\\w` are ASCII
-/// (`[0-9]`, `[0-9A-Za-z_]`), `\\s` is ECMA's whitespace set (with U+FEFF, without U+0085),
-/// and `.` leaves out every line terminator (`\\n`, `\\r`, U+2028, U+2029), not only `\\n`.
-/// Nested classes keep it exact inside brackets (`[^\\d.]` becomes `[^[0-9].]`).
+/// dialect) and Rust's `regex` written out as ECMA-262 means them: `\d` and `\w` are ASCII
+/// (`[0-9]`, `[0-9A-Za-z_]`), `\s` is [`ECMA_SPACE`] (no U+0085), and `.` leaves out every line
+/// terminator (`\n`, `\r`, U+2028, U+2029), not only `\n`. Nested classes keep it exact inside
+/// brackets (`[^\d.]` becomes `[^[0-9].]`).
 fn ecma_classes(pattern: &str) -> R<String> {
     use regex_syntax::ast::{self, Ast, ClassPerlKind, ClassSetItem};
     struct Spans(Vec<(usize, usize, String)>);

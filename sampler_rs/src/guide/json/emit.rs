@@ -1104,13 +1104,19 @@ impl<'a> Emitter<'a> {
             Some(Value::Object(pp)) if pp.is_empty() => None,
             Some(Value::Object(pp)) if pp.len() == 1 && additional.is_none() => {
                 let (p, schema) = pp.iter().next().expect("one entry");
-                let re = regex_automata::dfa::regex::Regex::new(&ecma_classes(p)?)
+                // A PikeVM: no automaton to build, so no pattern can make this check slow.
+                use regex_automata::nfa::thompson::{self, pikevm::PikeVM};
+                let re = PikeVM::builder()
+                    .syntax(regex_automata::util::syntax::Config::new().nest_limit(100))
+                    .thompson(thompson::Config::new().nfa_size_limit(Some(16 << 20)))
+                    .build(&ecma_classes(p)?)
                     .map_err(|e| Fail::Unsupported(format!("`patternProperties` {p:?}: {e}")))?;
+                let mut cache = re.create_cache();
                 let names = props
                     .keys()
                     .map(String::as_str)
                     .chain(required.iter().copied());
-                if names.into_iter().any(|n| re.is_match(n)) {
+                if names.into_iter().any(|n| re.is_match(&mut cache, n)) {
                     return unsupported("`patternProperties` matching a named property");
                 }
                 Some((p, schema))

@@ -632,6 +632,23 @@ fn number_ranges_are_exact() {
 }
 
 #[test]
+fn pattern_properties_check_names_without_building_an_automaton() {
+    // The names are checked against the key pattern by a PikeVM (no DFA of the pattern is
+    // built for that: a long counted repetition of any character would make a large one).
+    let v = toy_vocab();
+    let g = compile(
+        &v,
+        &json!({"type": "object", "properties": {"y": {"type": "null"}},
+            "patternProperties": {"^x.{0,300}$": {"type": "integer"}}, "additionalProperties": false}),
+        None,
+    );
+    assert_eq!(g.engine(), Engine::TokenwireJson);
+    assert!(accepts(&g, "{\"y\":null,\"x\u{e9}1\":2}"));
+    assert!(!accepts(&g, r#"{"xa":"b"}"#));
+    assert!(!accepts(&g, r#"{"ya":1}"#));
+}
+
+#[test]
 fn integer_ranges_are_exact() {
     let v = toy_vocab();
     for (lo, hi) in [

@@ -228,14 +228,7 @@ impl TokenTrie {
         let n = self.nodes.len();
         // ok[i] bit u: every path below node i is content when read from UTF-8 state u.
         let mut ok = vec![u8::MAX; n];
-        let mut parent = vec![0usize; n];
-        let mut path: Vec<usize> = vec![0];
-        for (i, (node, up)) in self.nodes.iter().zip(parent.iter_mut()).enumerate().skip(1) {
-            let d = node.depth as usize;
-            path.truncate(d);
-            *up = path[d - 1];
-            path.push(i);
-        }
+        let parent = self.parents();
         for i in (1..n).rev() {
             let b = self.nodes[i].byte;
             let mut keep = 0u8;
@@ -302,14 +295,7 @@ impl TokenTrie {
         }
         let n = self.nodes.len();
         let mut bits = vec![u64::MAX; n.div_ceil(64)];
-        let mut parent = vec![0usize; n];
-        let mut path: Vec<usize> = vec![0];
-        for (i, node) in self.nodes.iter().enumerate().skip(1) {
-            let d = node.depth as usize;
-            path.truncate(d);
-            parent[i] = path[d - 1];
-            path.push(i);
-        }
+        let parent = self.parents();
         for i in (1..n).rev() {
             let b = self.nodes[i].byte;
             let ok = class[(b >> 6) as usize] & (1 << (b & 63)) != 0
@@ -509,29 +495,20 @@ impl TokenTrie {
         content_before.push(content_ids.len() as u32);
         let exit_bytes: Vec<u8> = exits.iter().map(|&e| self.nodes[e as usize].byte).collect();
         let mut on_path = vec![false; n];
-        {
-            let mut parent = vec![0u32; n];
-            let mut path: Vec<u32> = vec![0];
-            for (i, node) in self.nodes.iter().enumerate().skip(1) {
-                let d = node.depth as usize;
-                path.truncate(d);
-                parent[i] = path[d - 1];
-                path.push(i as u32);
-            }
-            for (&e, &b) in exits.iter().zip(&exit_bytes) {
-                if b == b'"' || b == b'\\' {
-                    let mut i = e as usize;
-                    while i != 0 && !on_path[i] {
-                        on_path[i] = true;
-                        i = parent[i] as usize;
-                    }
+        let parent = self.parents();
+        for (&e, &b) in exits.iter().zip(&exit_bytes) {
+            if b == b'"' || b == b'\\' {
+                let mut i = e as usize;
+                while i != 0 && !on_path[i] {
+                    on_path[i] = true;
+                    i = parent[i];
                 }
             }
         }
-        let exit_set: std::collections::HashSet<u32> = exits.iter().copied().collect();
+        // On those paths, the exits are the nodes whose own path is not content.
         let skeleton = (1..n)
             .filter(|&i| on_path[i])
-            .map(|i| (i as u32, exit_set.contains(&(i as u32))))
+            .map(|i| (i as u32, decoder[i] == NOT_CONTENT))
             .collect();
         Rooted {
             boundary,
@@ -542,6 +519,19 @@ impl TokenTrie {
             skeleton,
             decoder,
         }
+    }
+
+    /// Each node's parent (the root's is itself), from the preorder and the depths.
+    fn parents(&self) -> Vec<usize> {
+        let mut parent = vec![0usize; self.nodes.len()];
+        let mut path: Vec<usize> = vec![0];
+        for (i, node) in self.nodes.iter().enumerate().skip(1) {
+            let d = node.depth as usize;
+            path.truncate(d);
+            parent[i] = path[d - 1];
+            path.push(i);
+        }
+        parent
     }
 
     fn below_range(&self, i: usize) -> (usize, usize) {

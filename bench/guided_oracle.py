@@ -17,8 +17,8 @@ is none. Classes:
 - ``minus-zero``: ``-0`` where a number's lower bound is 0 (``-0 == 0`` satisfies ``minimum: 0``).
 - ``exponent``: an exponent on a bounded number (llguidance writes bounded numbers without one).
 - ``ecma-classes``: patterns mean what ECMA-262 says where Rust's classes, which llguidance
-  uses, differ: ``\\s`` leaves out U+0085, and ``.`` every line terminator (CR, U+2028, U+2029
-  besides LF). (ECMA's ``\\s`` has U+FEFF; ours leaves it out, as Python's ``re`` does.)
+  uses, differ: ``\\s`` leaves out U+0085 (which ``\\S`` then has), and ``.`` every line
+  terminator (CR, U+2028, U+2029 besides LF). (ECMA's ``\\s`` has U+FEFF; ours leaves it out, as Python's ``re`` does.)
 
 Results: a summary on stdout and ``bench/results/guided_oracle.json``.
 """
@@ -52,6 +52,8 @@ def policy(tok: bytes, prev: bytes, patterned: bool) -> str | None:
         return "json-escape"
     if patterned and b"\\" in tok:
         return "json-escape"
+    if patterned and b"\xc2\x85" in tok:
+        return "ecma-classes"
     if re.fullmatch(rb"\s*[\[,]?\s*-", tok):
         return "minus-zero"
     if re.fullmatch(rb"[eE][0-9+-]*", tok):

@@ -34,6 +34,8 @@ pub struct TokenTrie {
     rooted: std::sync::OnceLock<Rooted>,
     /// See [`TokenTrie::or_content_upto`].
     by_leads: std::sync::OnceLock<ByLeads>,
+    /// See [`TokenTrie::esc_before`].
+    esc: std::sync::OnceLock<EscChars>,
     /// See [`TokenTrie::within`].
     within: std::sync::Mutex<std::collections::HashMap<[u64; 4], std::sync::Arc<Vec<u64>>>>,
 }
@@ -76,6 +78,38 @@ struct ByLeads {
     long: Vec<(u16, TokenId)>,
     /// The most characters one of them starts.
     max: u32,
+}
+
+/// Characters of JSON string content with escapes read as one character each (see
+/// [`esc_step`]), counted from a character boundary outside an escape.
+#[derive(Debug)]
+struct EscChars {
+    /// Per node: the characters started on its path before its own byte.
+    before: Vec<u16>,
+    /// Every token, as bitmasks by the characters it starts: `upto[r]`, those starting at most
+    /// `r`, for `r` up to [`UPTO_LEVELS`] (and no further than the most).
+    upto: Vec<Box<[u32]>>,
+    /// Every token with the characters it starts, by that count.
+    sorted: Vec<(u16, TokenId)>,
+    /// Where in `sorted` the tokens starting more than [`UPTO_LEVELS`] characters begin.
+    long: usize,
+    /// The most characters a token starts.
+    max: u32,
+}
+
+/// One byte of JSON string content read by escape context `ctx` (0: outside an escape, 1:
+/// after a backslash, 2..=5: after `\u` and `ctx - 2` hex digits): the context after it, and
+/// whether the byte starts a character (neither a UTF-8 continuation byte nor inside an
+/// escape). Content that is not valid JSON is read somehow; callers only count valid content.
+#[inline(always)]
+pub(crate) fn esc_step(ctx: u8, b: u8) -> (u8, bool) {
+    match ctx {
+        0 if b == b'\\' => (1, true),
+        0 => (0, b & 0xC0 != 0x80),
+        1 if b == b'u' => (2, false),
+        2..=4 => (ctx + 1, false),
+        _ => (0, false),
+    }
 }
 
 /// Bitmask levels of [`ByLeads::upto`].
@@ -208,6 +242,7 @@ impl TokenTrie {
             within: Default::default(),
             rooted: std::sync::OnceLock::new(),
             by_leads: std::sync::OnceLock::new(),
+            esc: std::sync::OnceLock::new(),
         };
         // The per-vocabulary tables of the JSON engine's string shortcuts (a few ms for a
         // 131k vocabulary): made with the trie, not by the first request that needs them.
@@ -519,6 +554,93 @@ impl TokenTrie {
             skeleton,
             decoder,
         }
+    }
+
+    /// The characters of JSON string content (escapes read as one character) started on the
+    /// path to node `i` before its byte, read from a character boundary outside an escape.
+    pub(crate) fn esc_before(&self, i: usize) -> u32 {
+        u32::from(self.esc_chars().before[i])
+    }
+
+    /// The most characters (as [`TokenTrie::esc_before`] counts them) a token starts.
+    pub(crate) fn esc_max(&self) -> u32 {
+        self.esc_chars().max
+    }
+
+    /// Clears in `out` (a token bitmask) the bits of the tokens that start more than `room`
+    /// characters (as [`TokenTrie::esc_before`] counts them).
+    pub(crate) fn and_esc_upto(&self, room: u32, out: &mut [u32]) {
+        let e = self.esc_chars();
+        if room >= e.max {
+            return;
+        }
+        if let Some(m) = e.upto.get(room as usize) {
+            for (o, x) in out.iter_mut().zip(m.iter()) {
+                *o &= x;
+            }
+            out.iter_mut().skip(m.len()).for_each(|o| *o = 0);
+        } else {
+            for &(l, t) in &e.sorted[e.long..] {
+                if u32::from(l) > room {
+                    out[(t / 32) as usize] &= !(1 << (t % 32));
+                }
+            }
+        }
+    }
+
+    /// The tokens that start `from..=upto` characters (as [`TokenTrie::esc_before`] counts
+    /// them).
+    pub(crate) fn esc_band(&self, from: u32, upto: u32) -> impl Iterator<Item = TokenId> + '_ {
+        let e = self.esc_chars();
+        let from = e.sorted.partition_point(|x| u32::from(x.0) < from);
+        e.sorted[from..]
+            .iter()
+            .take_while(move |x| u32::from(x.0) <= upto)
+            .map(|x| x.1)
+    }
+
+    fn esc_chars(&self) -> &EscChars {
+        self.esc.get_or_init(|| {
+            let mut before = vec![0u16; self.nodes.len()];
+            // Characters and escape context after the path, by depth.
+            let mut cnt = vec![0u16; self.max_depth + 1];
+            let mut ctx = vec![0u8; self.max_depth + 1];
+            let mut toks: Vec<(u16, TokenId)> = Vec::with_capacity(self.token_ids.len());
+            for (i, n) in self.nodes.iter().enumerate().skip(1) {
+                let d = n.depth as usize;
+                let (c, starts) = esc_step(ctx[d - 1], n.byte);
+                before[i] = cnt[d - 1];
+                cnt[d] = cnt[d - 1] + u16::from(starts);
+                ctx[d] = c;
+                toks.extend(self.tokens_of(n).iter().map(|&t| (cnt[d], t)));
+            }
+            toks.sort_unstable();
+            let words = self
+                .token_ids
+                .iter()
+                .max()
+                .map_or(0, |&t| t as usize / 32 + 1);
+            let max = toks.last().map_or(0, |x| u32::from(x.0));
+            let levels = (max as usize).min(UPTO_LEVELS);
+            let mut upto = Vec::with_capacity(levels + 1);
+            let mut m = vec![0u32; words].into_boxed_slice();
+            let mut k = 0;
+            for level in 0..=levels {
+                while k < toks.len() && usize::from(toks[k].0) <= level {
+                    let t = toks[k].1;
+                    m[(t / 32) as usize] |= 1 << (t % 32);
+                    k += 1;
+                }
+                upto.push(m.clone());
+            }
+            EscChars {
+                before,
+                upto,
+                sorted: toks,
+                long: k,
+                max,
+            }
+        })
     }
 
     /// Each node's parent (the root's is itself), from the preorder and the depths.

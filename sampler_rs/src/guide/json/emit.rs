@@ -72,8 +72,11 @@ pub(crate) struct RuleSrc {
     pub pattern: String,
     /// The rules its pattern calls.
     pub callees: Vec<u32>,
-    /// A counted rule: the pattern is one element, repeated `min..=max` times.
+    /// A counted rule: the pattern is one element, repeated `min..=max` times; or, with
+    /// `chars`, the pattern once, over JSON string content of `min..=max` characters.
     pub count: Option<(u32, Option<u32>)>,
+    /// See `count`.
+    pub chars: bool,
     /// The bytes that may follow the rule where it is called (`None`: any).
     pub follow: Option<Vec<u8>>,
     /// The fragments its pattern splices in (directly or through other fragments), by id.
@@ -214,7 +217,8 @@ struct Emitter<'a> {
     fragment_ids: HashMap<String, u32>,
 }
 
-type RuleShape = (String, Option<(u32, Option<u32>)>, Option<Vec<u8>>);
+/// (pattern, count, follow, counts characters)
+type RuleShape = (String, Option<(u32, Option<u32>)>, Option<Vec<u8>>, bool);
 
 /// Compiles `schema` (the root, for `$ref`) into rules; rule 0 is the start.
 pub(crate) fn emit(schema: &Value, whitespace: Option<&str>) -> R<Vec<RuleSrc>> {
@@ -409,6 +413,7 @@ impl<'a> Emitter<'a> {
             pattern,
             callees,
             count,
+            chars: false,
             follow,
             fragments: Vec::new(),
         });
@@ -422,12 +427,29 @@ impl<'a> Emitter<'a> {
         count: Option<(u32, Option<u32>)>,
         follow: Option<Vec<u8>>,
     ) -> R<u32> {
-        let shape = (pattern, count, follow);
+        let shape = (pattern, count, follow, false);
         if let Some(&id) = self.made.get(&shape) {
             return Ok(id);
         }
         let id = self.new_rule()?;
         self.set_rule_follow(id, shape.0.clone(), count, shape.2.clone())?;
+        self.made.insert(shape, id);
+        Ok(id)
+    }
+
+    /// The rule of a string's content matching `pattern` (a JSON-escaped content pattern)
+    /// with `min..=max` characters: the pattern's DFA with a character counter (a
+    /// `pattern` with `minLength`/`maxLength`), followed by the closing quote.
+    fn chars_rule(&mut self, pattern: String, min: u32, max: Option<u32>) -> R<u32> {
+        let shape = (pattern, Some((min, max)), Some(vec![b'"']), true);
+        if let Some(&id) = self.made.get(&shape) {
+            return Ok(id);
+        }
+        let id = self.new_rule()?;
+        self.set_rule_follow(id, shape.0.clone(), shape.1, shape.2.clone())?;
+        if let Some(r) = self.rules[id as usize].as_mut() {
+            r.chars = true;
+        }
         self.made.insert(shape, id);
         Ok(id)
     }
@@ -936,10 +958,12 @@ impl<'a> Emitter<'a> {
                 let id = self.rule_for(elem, Some((lo, hi)), Some(vec![b'"']))?;
                 return Ok(format!("\"{}\"", marker(id)));
             }
+            let content = string_pattern(p)?;
             if bounded {
-                return unsupported("`pattern` with lengths");
+                let id = self.chars_rule(content, min, max)?;
+                return Ok(format!("\"{}\"", marker(id)));
             }
-            return Ok(format!("\"{}\"", string_pattern(p)?));
+            return Ok(format!("\"{content}\""));
         }
         if !bounded {
             return self.plain_string();
@@ -2044,30 +2068,44 @@ fn anchored(h: &Hir) -> R<Hir> {
             v.iter().map(anchored).collect::<R<Vec<_>>>()?,
         )),
         HirKind::Capture(c) => anchored(&c.sub),
-        HirKind::Look(Look::Start | Look::End) => Ok(any_chars()),
-        HirKind::Concat(v) => {
-            let mut v: &[Hir] = v;
-            let start = matches!(v.first().map(Hir::kind), Some(HirKind::Look(Look::Start)));
-            if start {
-                v = &v[1..];
-            }
-            let end = matches!(v.last().map(Hir::kind), Some(HirKind::Look(Look::End)));
-            if end {
-                v = &v[..v.len() - 1];
-            }
+        _ => {
+            // `^` (`$`) where every path of the pattern starts (ends) with it, however nested
+            // (regex-syntax factors `^$|^a$` into `^(?:$|a$)`): dropped, and no other text
+            // may come before (after).
+            let (h, start) =
+                strip_look(h, Look::Start, true).map_or((h.clone(), false), |x| (x, true));
+            let (h, end) = strip_look(&h, Look::End, false).map_or((h, false), |x| (x, true));
             let mut parts = Vec::new();
             if !start {
                 parts.push(any_chars());
             }
-            for x in v {
-                parts.push(transform(x)?);
-            }
+            parts.push(transform(&h)?);
             if !end {
                 parts.push(any_chars());
             }
             Ok(Hir::concat(parts))
         }
-        _ => Ok(Hir::concat(vec![any_chars(), transform(h)?, any_chars()])),
+    }
+}
+
+/// `h` without the `look` assertion that every path through it starts with (`front`) or ends
+/// with, if every path does.
+fn strip_look(h: &Hir, look: Look, front: bool) -> Option<Hir> {
+    match h.kind() {
+        HirKind::Look(l) if *l == look => Some(Hir::empty()),
+        HirKind::Capture(c) => strip_look(&c.sub, look, front).map(group),
+        HirKind::Concat(v) if !v.is_empty() => {
+            let mut v = v.clone();
+            let i = if front { 0 } else { v.len() - 1 };
+            v[i] = strip_look(&v[i], look, front)?;
+            Some(Hir::concat(v))
+        }
+        HirKind::Alternation(v) => Some(Hir::alternation(
+            v.iter()
+                .map(|x| strip_look(x, look, front))
+                .collect::<Option<Vec<_>>>()?,
+        )),
+        _ => None,
     }
 }
 

@@ -78,16 +78,18 @@ pub(crate) fn compile(vocab: &VocabCore, schema: &Value, whitespace: Option<&str
 /// sub-schemas). The flag marks the built-in rules that [`clear_caches`] keeps.
 type RuleCache = HashMap<RuleKey, (Arc<Rule>, bool)>;
 
-/// (pattern, its fragments, count, follow bytes)
+/// (pattern, its fragments, count, follow bytes, counts characters)
 type RuleKey = (
     String,
     Vec<(u32, String)>,
     Option<(u32, Option<u32>)>,
     Option<Vec<u8>>,
+    bool,
 );
 
-/// The shared [`InnerCache`]s, by (pattern, follow bytes), with the same flag.
-type InnerCaches = HashMap<(String, Option<Vec<u8>>), (Arc<InnerCache>, bool)>;
+/// The shared [`InnerCache`]s, by (pattern, follow bytes, counts characters), with the same
+/// flag.
+type InnerCaches = HashMap<(String, Option<Vec<u8>>, bool), (Arc<InnerCache>, bool)>;
 
 /// Most rules kept in [`RuleCache`]; past it the cache starts over (but for the built-in rules).
 const RULE_CACHE_ENTRIES: usize = 4096;
@@ -111,7 +113,7 @@ pub(crate) fn clear_caches() {
 }
 
 fn rule(src: emit::RuleSrc, limits: &DfaLimits, builtin: bool) -> Result<Arc<Rule>, String> {
-    let key = (src.pattern, src.fragments, src.count, src.follow);
+    let key = (src.pattern, src.fragments, src.count, src.follow, src.chars);
     if let Some(r) = lock(&RULES).get(&key) {
         return Ok(r.0.clone());
     }
@@ -128,13 +130,14 @@ fn rule(src: emit::RuleSrc, limits: &DfaLimits, builtin: bool) -> Result<Arc<Rul
             m.retain(|_, v| v.1);
         }
         let e = m
-            .entry((key.0.clone(), key.3.clone()))
+            .entry((key.0.clone(), key.3.clone(), key.4))
             .or_insert_with(|| (Arc::default(), builtin));
         e.1 |= builtin;
         e.0.clone()
     };
     let r = Arc::new(
-        Rule::new(dfa, &src.callees, key.2, key.3.as_deref(), inner).map_err(|e| e.to_string())?,
+        Rule::new(dfa, &src.callees, key.2, key.4, key.3.as_deref(), inner)
+            .map_err(|e| e.to_string())?,
     );
     let mut c = lock(&RULES);
     if c.len() >= RULE_CACHE_ENTRIES {

@@ -41,7 +41,7 @@ use super::super::error::{GuideError, Result};
 use super::super::lazy::{any_overflow, LazyDfa, Segments};
 use super::super::vocab::VocabCore;
 use super::super::StateId;
-use crate::guide::trie::U8;
+use crate::guide::trie::{esc_step, U8};
 
 /// [`Rule`] state flag: the rule may end here.
 const ACCEPTING: u8 = 1;
@@ -106,7 +106,23 @@ pub(crate) struct Rule {
     /// For a `char_element` rule: the one DFA state every unescaped character leads to from
     /// the element's start (`None` when they end in different states).
     content_end: Option<StateId>,
+    /// A rule that counts characters (a string `pattern` with lengths): the counter `n` of
+    /// a state `(n, s)` is the characters of JSON string content started so far (escapes
+    /// read as one), and `s` runs the pattern's DFA once (no elements). By DFA state index:
+    /// its escape context ([`esc_step`]), one per state (checked when the rule is built).
+    esc: Option<Box<[u8]>>,
+    /// `stride2` of the DFA: a state's index is `s >> esc_shift`.
+    esc_shift: u32,
+    /// For a rule that counts characters, by DFA state index: the fewest characters that
+    /// complete a match from it ([`FAR`]: none do). A step is only taken to a state from which
+    /// the count can still be met (no dead ends).
+    lo: Box<[u32]>,
+    /// The most of `lo`'s finite entries.
+    lo_max: u32,
 }
+
+/// [`Rule::lo`] of a state from which no match can be completed.
+const FAR: u32 = u32::MAX;
 
 /// [`Inner`] entries by (vocabulary id, normalized state). Rules with the same pattern and
 /// follow set share one (a counted rule's normalized states do not depend on its bounds past
@@ -150,6 +166,7 @@ impl Rule {
         dfa: LazyDfa,
         callees: &[u32],
         count: Option<(u32, Option<u32>)>,
+        chars: bool,
         follow: Option<&[u8]>,
         inner: Arc<InnerCache>,
     ) -> Result<Rule> {
@@ -166,14 +183,17 @@ impl Rule {
             dfa.expand()?;
             space = dfa.table_len() as u32;
             let start = dfa.start();
-            if dfa.is_accepting(start) {
+            if chars {
+                // The pattern runs once: its DFA may accept the empty string and loop.
+            } else if dfa.is_accepting(start) {
                 return Err(GuideError::Invalid(
                     "a counted rule's element must not be empty".into(),
                 ));
             }
-            let reenters = dfa
-                .states()
-                .any(|s| (0..=255u8).any(|b| dfa.step(s, b) == start));
+            let reenters = !chars
+                && dfa
+                    .states()
+                    .any(|s| (0..=255u8).any(|b| dfa.step(s, b) == start));
             if reenters {
                 return Err(GuideError::Invalid(
                     "a counted rule's element must not return to its start".into(),
@@ -187,6 +207,29 @@ impl Rule {
             }
         }
         let (max_states, stride2) = dfa.shape();
+        let (esc, lo) = match count {
+            Some((min, max)) if chars => {
+                let esc = escape_contexts(&dfa, stride2)?;
+                let (lo, unbounded) = char_lengths(&dfa, stride2, &esc);
+                let least = lo[(dfa.start() >> stride2) as usize];
+                // Which bounds the pattern's lengths leave dead-end free with `lo` alone: a
+                // maximum (a state is live while its shortest completion fits), and a
+                // minimum the pattern implies, or one below which no state's completions
+                // stop growing.
+                let fits = match max {
+                    Some(m) => least <= m && min <= least,
+                    None => min <= least || unbounded,
+                };
+                if least == FAR || !fits {
+                    return Err(GuideError::Invalid(
+                        "a `pattern` with lengths this engine cannot bound".into(),
+                    ));
+                }
+                (Some(esc), lo)
+            }
+            _ => (None, Box::default()),
+        };
+        let lo_max = lo.iter().copied().filter(|&l| l != FAR).max().unwrap_or(0);
         let mut rule = Rule {
             meta: Segments::new(max_states, stride2, 0),
             callees: callees.into(),
@@ -197,8 +240,12 @@ impl Rule {
             inner,
             char_element: false,
             content_end: None,
+            esc,
+            esc_shift: stride2,
+            lo,
+            lo_max,
         };
-        if count.is_some() {
+        if count.is_some() && rule.esc.is_none() {
             if let Some(end) = rule.element_is_one_char() {
                 rule.char_element = true;
                 rule.content_end = end;
@@ -283,6 +330,8 @@ impl Rule {
         }
         let x = Arc::new(if self.count.is_none() {
             self.inner_dfa(vocab, st)
+        } else if self.esc.is_some() {
+            self.inner_chars(vocab, st)?
         } else {
             self.inner_counted(vocab, st)?
         });
@@ -435,7 +484,10 @@ impl Rule {
     /// empty otherwise): below a trie node reached in `s`, a subtree made of these bytes only
     /// is allowed whole. Computed once per state.
     fn self_loop(&self, s: StateId) -> [u64; 4] {
-        let Some(m) = self.meta(s).filter(|_| self.count.is_none()) else {
+        let Some(m) = self
+            .meta(s)
+            .filter(|_| self.count.is_none() || self.esc.is_some())
+        else {
             return [0; 4];
         };
         *m.self_loop.get_or_init(|| {
@@ -762,10 +814,7 @@ impl Rule {
                 for j in level[d - 1]..level[d] {
                     let q = sets[j];
                     self.positions(q, |p| {
-                        let (c, s) = self.split(p);
-                        let t = self.dfa.step(s, n.byte);
-                        if t != 0 {
-                            let x = self.join(self.clamp_n(c), t);
+                        if let Some(x) = self.next_in(p, n.byte) {
                             if !sets[level[d]..].contains(&x) {
                                 sets.push(x);
                             }
@@ -814,6 +863,101 @@ impl Rule {
         Some(())
     }
 
+    /// The in-rule state after byte `b` from position `p` (see [`Rule::positions`]), if any.
+    #[inline(always)]
+    fn next_in(&self, p: u32, b: u8) -> Option<u32> {
+        let (n, s) = self.split(p);
+        let t = self.dfa.step(s, b);
+        if t == 0 {
+            return None;
+        }
+        let Some(esc) = &self.esc else {
+            return Some(self.join(n, t));
+        };
+        let n = n + u32::from(esc_step(esc[(s >> self.esc_shift) as usize], b).1);
+        let lo = self.lo[(t >> self.esc_shift) as usize];
+        let dead = lo == FAR
+            || self
+                .count
+                .is_some_and(|(_, max)| max.is_some_and(|m| n + lo > m));
+        if dead {
+            return None;
+        }
+        Some(self.join(self.clamp_n(n), t))
+    }
+
+    /// [`Rule::inner`] of a rule that counts characters. Outside an escape: the context-free
+    /// part of the pattern's own state (computed as if uncounted, and cached) less the tokens
+    /// that start more characters than the count has room for, and less the places to end
+    /// before the count's minimum or past its room. Inside an escape (rare): the counted walk.
+    fn inner_chars(&self, vocab: &VocabCore, st: u32) -> Option<Inner> {
+        let (n, s) = self.split(st);
+        let esc = self.esc.as_deref()?;
+        if esc[(s >> self.esc_shift) as usize] != 0 {
+            let mut mask = vec![0u32; vocab.mask_words()].into_boxed_slice();
+            let mut frontier = Vec::new();
+            let nodes = vocab.trie().nodes().len();
+            self.counted_walk(vocab, st, n, (1, nodes), &mut mask, &mut frontier)?;
+            return Some(Inner { mask, frontier });
+        }
+        let key = (vocab.id(), s, NONE, NONE);
+        let cached = self
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned();
+        let base = match cached {
+            Some(x) => x,
+            None => {
+                let x = Arc::new(self.inner_dfa(vocab, s));
+                if !self.overflowed() {
+                    let mut c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+                    if c.len() < INNER_ENTRIES {
+                        c.insert(key, x.clone());
+                    }
+                }
+                x
+            }
+        };
+        let (min, max) = self.count?;
+        let room = max.map(|m| m - n);
+        let trie = vocab.trie();
+        let mut mask = base.mask.clone();
+        if let Some(r) = room.filter(|&r| r < trie.esc_max() + self.lo_max) {
+            // Tokens that fit the room with any completion stand; the few that start nearly
+            // as many characters as it has are read to their end state, whose shortest
+            // completion must fit what is left.
+            trie.and_esc_upto(r, &mut mask);
+            for t in trie.esc_band((r + 1).saturating_sub(self.lo_max), r) {
+                let (w, bit) = ((t / 32) as usize, 1u32 << (t % 32));
+                if mask[w] & bit == 0 {
+                    continue;
+                }
+                let mut p = Some(st);
+                for &b in vocab.token_bytes(t) {
+                    p = p.and_then(|p| self.next_in(p, b));
+                }
+                if p.is_none() {
+                    mask[w] &= !bit;
+                }
+            }
+        }
+        let frontier = base
+            .frontier
+            .iter()
+            .filter(|f| match **f {
+                Front::Pop(i) => {
+                    let c = trie.esc_before(i as usize);
+                    room.is_none_or(|r| c <= r) && n + c >= min
+                }
+                Front::Call(..) => false,
+            })
+            .copied()
+            .collect();
+        Some(Inner { mask, frontier })
+    }
+
     /// The rules this rule may call before consuming any byte.
     pub(crate) fn start_callees(&self) -> Vec<u32> {
         let mut out = Vec::new();
@@ -849,7 +993,9 @@ impl Rule {
             None => self.dfa.is_accepting(st),
             Some((min, _)) => {
                 let (n, s) = self.split(st);
-                if s == self.dfa.start() {
+                if self.esc.is_some() {
+                    self.dfa.is_accepting(s) && n >= min
+                } else if s == self.dfa.start() {
                     n >= min
                 } else {
                     self.dfa.is_accepting(s) && n + 1 >= min
@@ -875,7 +1021,7 @@ impl Rule {
     #[inline(always)]
     fn positions(&self, st: u32, mut f: impl FnMut(u32)) {
         f(st);
-        if let Some((min, max)) = self.count {
+        if let (Some((min, max)), None) = (self.count, &self.esc) {
             let (n, s) = self.split(st);
             if s != self.dfa.start() && self.dfa.is_accepting(s) && max.is_none_or(|m| n + 1 < m) {
                 let n1 = if max.is_none() {
@@ -900,6 +1046,111 @@ impl Rule {
             }
         }
     }
+}
+
+/// The escape context ([`esc_step`]) of every state of a whole DFA over JSON string content,
+/// by state index; an error when a state is reached in two contexts (the pattern's DFA does
+/// not tell where characters start: the schema goes to the other engine).
+fn escape_contexts(dfa: &LazyDfa, stride2: u32) -> Result<Box<[u8]>> {
+    const UNSEEN: u8 = u8::MAX;
+    let mut ctx = vec![UNSEEN; (dfa.table_len() >> stride2) + 1];
+    let start = dfa.start();
+    ctx[(start >> stride2) as usize] = 0;
+    let mut todo = vec![start];
+    while let Some(s) = todo.pop() {
+        let c = ctx[(s >> stride2) as usize];
+        for b in 0..=255u8 {
+            let t = dfa.step(s, b);
+            if t == 0 {
+                continue;
+            }
+            let next = esc_step(c, b).0;
+            let slot = &mut ctx[(t >> stride2) as usize];
+            if *slot == UNSEEN {
+                *slot = next;
+                todo.push(t);
+            } else if *slot != next {
+                return Err(GuideError::Invalid(
+                    "a `pattern` whose states do not tell where characters start".into(),
+                ));
+            }
+        }
+    }
+    Ok(ctx.into_boxed_slice())
+}
+
+/// For a whole DFA over JSON string content with its states' escape contexts: by state
+/// index, the fewest characters that complete a match ([`FAR`]: none), and whether from every
+/// state that can complete one, completions of any length can (no state's are bounded).
+fn char_lengths(dfa: &LazyDfa, stride2: u32, esc: &[u8]) -> (Box<[u32]>, bool) {
+    let len = esc.len();
+    // Reversed edges (source index, starts a character), one per source and weight.
+    let mut rev: Vec<Vec<(u32, bool)>> = vec![Vec::new(); len];
+    for (i, &c) in esc.iter().enumerate() {
+        if c == u8::MAX {
+            continue;
+        }
+        let s = (i as u32) << stride2;
+        for b in 0..=255u8 {
+            let t = dfa.step(s, b);
+            if t == 0 {
+                continue;
+            }
+            let e = (i as u32, esc_step(c, b).1);
+            let r = &mut rev[(t >> stride2) as usize];
+            if !r.contains(&e) {
+                r.push(e);
+            }
+        }
+    }
+    // Shortest completions: a 0-1 breadth-first search back from the accepting states.
+    let mut lo = vec![FAR; len];
+    let mut todo = std::collections::VecDeque::new();
+    for i in 0..len {
+        if esc[i] != u8::MAX && dfa.is_accepting((i as u32) << stride2) {
+            lo[i] = 0;
+            todo.push_back(i);
+        }
+    }
+    while let Some(u) = todo.pop_front() {
+        for &(v, w) in &rev[u] {
+            let d = lo[u] + u32::from(w);
+            if d < lo[v as usize] {
+                lo[v as usize] = d;
+                if w {
+                    todo.push_back(v as usize);
+                } else {
+                    todo.push_front(v as usize);
+                }
+            }
+        }
+    }
+    // Bounded completions: the live states that reach no cycle of live states, peeled from
+    // the ends backwards.
+    let sources = |t: usize| {
+        let mut v: Vec<usize> = rev[t].iter().map(|e| e.0 as usize).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    };
+    let mut out = vec![0u32; len];
+    for t in (0..len).filter(|&t| lo[t] != FAR) {
+        for s in sources(t) {
+            out[s] += 1;
+        }
+    }
+    let mut peel: Vec<usize> = (0..len).filter(|&i| lo[i] != FAR && out[i] == 0).collect();
+    let mut bounded = false;
+    while let Some(t) = peel.pop() {
+        bounded = true;
+        for s in sources(t) {
+            out[s] -= 1;
+            if out[s] == 0 && lo[s] != FAR {
+                peel.push(s);
+            }
+        }
+    }
+    (lo.into_boxed_slice(), !bounded)
 }
 
 /// The bytes of the call marker of rule `id`.
@@ -1278,9 +1529,8 @@ impl<'a> Walker<'a> {
         if b != MARKER {
             r.positions(state, |p| {
                 let (n, s) = r.split(p);
-                let t = r.dfa.step(s, b);
-                if t != 0 {
-                    let id = self.push(rule, r.join(n, t), parent);
+                if let Some(x) = r.next_in(p, b) {
+                    let id = self.push(rule, x, parent);
                     out.push(id);
                 }
                 for &(c, ret) in r.calls(s) {

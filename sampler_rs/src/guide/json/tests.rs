@@ -58,6 +58,23 @@ fn schemas_accept_and_reject() {
             vec![r#""aaaaaaaaaaaaaaaaaaaa""#, r#""aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa""#],
             vec![r#""aaaaaaaaaaaaaaaaaaa""#],
         ),
+        // A `pattern` with lengths: the pattern's DFA with a character counter (an escape is
+        // one character).
+        (
+            json!({"type": "string", "pattern": "^(?:\\S+\\s+){0,2}\\S+$", "maxLength": 8}),
+            vec![r#""ab cd ef""#, r#""a\tb""#, r#""x""#, r#""\"\\\/""#],
+            vec![r#""ab cd efg""#, r#""a b c d""#, r#""""#, r#""ab ""#],
+        ),
+        (
+            json!({"type": "string", "pattern": "^a+b$", "maxLength": 3}),
+            vec![r#""ab""#, r#""aab""#],
+            vec![r#""aaab""#, r#""aa""#],
+        ),
+        (
+            json!({"type": "string", "pattern": "_x", "minLength": 4}),
+            vec![r#""a_xb""#, r#""_xyz""#, r#""\n_x\u0001""#],
+            vec![r#""a_x""#, r#""_x""#, r#""abcd""#],
+        ),
         (
             json!({"type": "string", "pattern": "^[a-c]+\"?$"}),
             vec![r#""abc""#, r#""abc\"""#],
@@ -288,7 +305,8 @@ fn unsupported_keywords_fall_back_to_llguidance() {
         json!({"allOf": [{"type": "object"}, {"required": ["a"], "minProperties": 2}]}),
         json!({"type": "string", "format": "hostname"}),
         json!({"type": "number", "multipleOf": 0.5}),
-        json!({"type": "string", "pattern": "^a+b$", "maxLength": 5}),
+        // A minimum the pattern does not imply, with a maximum.
+        json!({"type": "string", "pattern": "^a+$", "minLength": 3, "maxLength": 5}),
         json!({"type": "object", "patternProperties": {"^x": {"type": "integer"}}}),
         json!({"type": "object", "properties": {"xa": {}}, "patternProperties": {"^x": {"type": "integer"}}, "additionalProperties": false}),
         json!({"type": "object", "patternProperties": {"^x": {"type": "integer"}, "^y": {}}, "additionalProperties": false}),
@@ -418,6 +436,11 @@ fn masks_equal_llguidance_on_random_walks() {
         json!({"type": "object", "properties": {"d": {"type": "string", "pattern": "é[0-9]{2}-a"}}, "required": ["d"]}),
         // A pattern of one class repeated (a counted rule) with lengths.
         json!({"type": "string", "pattern": "^[a-c\\d]{2,20}$", "maxLength": 14}),
+        // Patterns with lengths (a DFA with a character counter): a maximum, a maximum
+        // where the pattern's end must still fit (no dead ends), a minimum.
+        json!({"type": "string", "pattern": "^(?:\\S+\\s+){0,3}\\S+$", "maxLength": 12}),
+        json!({"type": "string", "pattern": "^a+b$", "maxLength": 5}),
+        json!({"type": "string", "pattern": "^[a-c]+\\d*$", "minLength": 4}),
         // Keys of an open object whose names share prefixes with tokens (the walk that
         // clears dead content instead of setting live content), next to closed objects.
         json!({"type": "object", "properties": {"name": {"type": "string", "maxLength": 9}, "nab": {"type": "integer"},
@@ -451,11 +474,29 @@ fn masks_equal_llguidance_on_random_walks() {
                         let after_backslash = trace
                             .last()
                             .is_some_and(|&t| v.token_bytes(t).ends_with(b"\\"));
+                        // ... and `\uXXXX` escapes of what need not be escaped (llguidance
+                        // takes `\u0000`-`\u001F` only).
+                        let text: Vec<u8> = trace
+                            .iter()
+                            .flat_map(|&t| v.token_bytes(t).to_vec())
+                            .collect();
+                        // The hex digits of a `\u` escape the text ends inside, if any.
+                        let in_u = text.iter().rposition(|&c| c == b'\\').and_then(|i| {
+                            let rest = &text[i + 1..];
+                            (rest.first() == Some(&b'u')
+                                && rest.len() <= 4
+                                && rest[1..].iter().all(u8::is_ascii_hexdigit))
+                            .then(|| rest[1..].to_vec())
+                        });
                         let patterned = schema.to_string().contains("\"pattern\"");
                         let json_only = |t: u32| {
                             let b = v.token_bytes(t);
                             b.contains(&0x7f)
                                 || (after_backslash && b.starts_with(b"/"))
+                                || in_u.as_ref().is_some_and(|d| {
+                                    let ok: [&[u8]; 3] = [b"0", b"0", b"01"];
+                                    d.iter().chain(b).zip(ok).any(|(c, k)| !k.contains(c))
+                                })
                                 || (patterned && b.contains(&b'\\'))
                         };
                         let diff: Vec<(u32, bool)> = (0..n as u32)

@@ -145,6 +145,8 @@ pub(crate) struct LazyDfa {
     det: Mutex<Det>,
     states: AtomicU32,
     overflow: AtomicBool,
+    /// A complement rule's DFA (see [`COMPLEMENT`]).
+    complement: bool,
 }
 
 impl LazyDfa {
@@ -163,6 +165,14 @@ impl LazyDfa {
         limits: &DfaLimits,
     ) -> Result<LazyDfa> {
         let nfa = Splicer::new(fragments, limits).run(pattern)?;
+        // Only the sentinel itself is a transition on exactly that byte (it is no UTF-8 byte).
+        let complement = nfa.states.iter().any(|st| match st {
+            St::Range(lo, hi, _) => (*lo, *hi) == (COMPLEMENT, COMPLEMENT),
+            St::Sparse(t) => t
+                .iter()
+                .any(|&(lo, hi, _)| (lo, hi) == (COMPLEMENT, COMPLEMENT)),
+            _ => false,
+        });
         let live = nfa.co_reachable();
         let (classes, reps) = nfa.byte_classes();
         let stride2 = reps.len().next_power_of_two().trailing_zeros();
@@ -192,6 +202,7 @@ impl LazyDfa {
             }),
             states: AtomicU32::new(0),
             overflow: AtomicBool::new(false),
+            complement,
             nfa,
         };
         // The dead state's row: every byte stays dead.
@@ -281,6 +292,14 @@ impl LazyDfa {
                 }
                 _ => bits |= CONTINUE,
             }
+        }
+        if self.complement {
+            let has = |live: &[u64; 4], b: u8| live[(b >> 6) as usize] & (1 << (b & 63)) != 0;
+            let accept = has(&live, COMPLEMENT) && !has(&live, VETO);
+            for b in [COMPLEMENT, VETO] {
+                live[(b >> 6) as usize] &= !(1 << (b & 63));
+            }
+            bits = (u8::from(accept) * ACCEPT) | (u8::from(live != [0; 4]) * CONTINUE);
         }
         for (c, &b) in self.reps.iter().enumerate() {
             if live[(b >> 6) as usize] & (1 << (b & 63)) == 0 {
@@ -440,6 +459,15 @@ impl LazyDfa {
 pub(crate) const INLINE: u8 = 0xFD;
 /// See [`INLINE`].
 pub(crate) const JUMP: u8 = 0xFE;
+
+/// A *complement* rule's pattern is `(?:V)\xF8|(?:C)\xF9` (bytes never in UTF-8 text, and
+/// above every id byte): its DFA accepts where `C` matches and `V` does not — a key of an open
+/// object that is no declared name and matches no `patternProperties` pattern — and the two
+/// bytes themselves lead nowhere. (Where `V` matches, the state consumes `VETO`; where `C`
+/// does, `COMPLEMENT`; the accepting bit is read off those when the state is made.)
+pub(crate) const COMPLEMENT: u8 = 0xF9;
+/// See [`COMPLEMENT`].
+pub(crate) const VETO: u8 = 0xF8;
 
 /// The base of the two id bytes after a marker byte (a fragment's, or a rule's call): each is
 /// below `0xF0`, so an id byte is never read as a marker byte (`0xFD`..`0xFF`).

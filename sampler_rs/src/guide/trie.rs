@@ -36,6 +36,8 @@ pub struct TokenTrie {
     by_leads: std::sync::OnceLock<ByLeads>,
     /// See [`TokenTrie::esc_before`].
     esc: std::sync::OnceLock<EscChars>,
+    /// See [`TokenTrie::skeleton`], by lead-byte set.
+    skeletons: std::sync::Mutex<std::collections::HashMap<[u64; 4], std::sync::Arc<Skeleton>>>,
     /// See [`TokenTrie::within`].
     within: std::sync::Mutex<std::collections::HashMap<[u64; 4], std::sync::Arc<Vec<u64>>>>,
 }
@@ -54,13 +56,16 @@ struct Rooted {
     exits: Vec<u32>,
     /// The byte of each exit (a walk skips the exits its state dies at without touching them).
     exit_bytes: Vec<u8>,
-    /// The nodes on the paths to the exits whose byte is a quote or a backslash (the only
-    /// exits a string can go on at), in preorder, each with whether it is such an exit.
-    skeleton: Vec<(u32, bool)>,
     /// Per node: the decoder state after its path when that path is content from the root
     /// (an index of `U8::ALL`), else `NOT_CONTENT`.
     decoder: Vec<u8>,
 }
+
+/// See [`TokenTrie::skeleton`].
+pub(crate) type Skeleton = Vec<(u32, bool)>;
+
+/// Most lead-byte sets [`TokenTrie::skeleton`] keeps (per vocabulary).
+const SKELETONS: usize = 64;
 
 /// See `Rooted::decoder`.
 const NOT_CONTENT: u8 = 0xFF;
@@ -240,6 +245,7 @@ impl TokenTrie {
             content: std::sync::OnceLock::new(),
             leads: std::sync::OnceLock::new(),
             within: Default::default(),
+            skeletons: Default::default(),
             rooted: std::sync::OnceLock::new(),
             by_leads: std::sync::OnceLock::new(),
             esc: std::sync::OnceLock::new(),
@@ -248,6 +254,7 @@ impl TokenTrie {
         // 131k vocabulary): made with the trie, not by the first request that needs them.
         trie.content_below(0);
         trie.by_leads.get_or_init(|| trie.build_by_leads());
+        trie.skeleton(&[0; 4]);
         trie
     }
 
@@ -435,10 +442,51 @@ impl TokenTrie {
         U8::ALL.get(r.decoder[i] as usize).copied()
     }
 
-    /// The paths from the root to the quote and backslash exits (see `Rooted::skeleton`): from
-    /// a state that every string content keeps alive, the only nodes a walk must step.
-    pub(crate) fn quote_skeleton(&self) -> &[(u32, bool)] {
-        &self.rooted.get_or_init(|| self.build_rooted()).skeleton
+    /// The nodes on the paths from the root to the *exits* of string content read from the
+    /// root: a quote or a backslash at a character boundary, or a byte of `leads` there (the
+    /// first bytes of the characters a state does not keep in its closed region), in preorder,
+    /// each with whether it is such an exit (nothing below an exit is listed). From a state
+    /// that every other string content keeps alive, the only nodes a walk must step.
+    pub(crate) fn skeleton(&self, leads: &[u64; 4]) -> std::sync::Arc<Skeleton> {
+        let mut m = self.skeletons.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = m.get(leads) {
+            return t.clone();
+        }
+        let t = std::sync::Arc::new(self.build_skeleton(leads));
+        if m.len() < SKELETONS {
+            m.insert(*leads, t.clone());
+        }
+        t
+    }
+
+    fn build_skeleton(&self, leads: &[u64; 4]) -> Skeleton {
+        let n = self.nodes.len();
+        let r = self.rooted.get_or_init(|| self.build_rooted());
+        let boundary = |i: usize| r.boundary[i / 64] & (1 << (i % 64)) != 0;
+        let parent = self.parents();
+        let mut exit = vec![false; n];
+        // At or below an exit: nothing there is listed (the walk takes an exit's subtree).
+        let mut below = vec![false; n];
+        let mut on_path = vec![false; n];
+        for i in 1..n {
+            let (p, b) = (parent[i], self.nodes[i].byte);
+            below[i] = below[p] || exit[p];
+            if below[i] || !boundary(p) {
+                continue;
+            }
+            if b == b'"' || b == b'\\' || leads[(b >> 6) as usize] & (1 << (b & 63)) != 0 {
+                exit[i] = true;
+                let mut j = i;
+                while j != 0 && !on_path[j] {
+                    on_path[j] = true;
+                    j = parent[j];
+                }
+            }
+        }
+        (1..n)
+            .filter(|&i| on_path[i])
+            .map(|i| (i as u32, exit[i]))
+            .collect()
     }
 
     /// The exits (see [`TokenTrie::content_from_root`]) strictly below node `i`, and their
@@ -529,29 +577,12 @@ impl TokenTrie {
         }
         content_before.push(content_ids.len() as u32);
         let exit_bytes: Vec<u8> = exits.iter().map(|&e| self.nodes[e as usize].byte).collect();
-        let mut on_path = vec![false; n];
-        let parent = self.parents();
-        for (&e, &b) in exits.iter().zip(&exit_bytes) {
-            if b == b'"' || b == b'\\' {
-                let mut i = e as usize;
-                while i != 0 && !on_path[i] {
-                    on_path[i] = true;
-                    i = parent[i];
-                }
-            }
-        }
-        // On those paths, the exits are the nodes whose own path is not content.
-        let skeleton = (1..n)
-            .filter(|&i| on_path[i])
-            .map(|i| (i as u32, decoder[i] == NOT_CONTENT))
-            .collect();
         Rooted {
             boundary,
             content_ids,
             content_before,
             exits,
             exit_bytes,
-            skeleton,
             decoder,
         }
     }

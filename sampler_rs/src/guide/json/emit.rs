@@ -25,6 +25,7 @@ use std::fmt::Write as _;
 use regex_syntax::hir::{self, Class, ClassUnicode, ClassUnicodeRange, Hir, HirKind, Look};
 use serde_json::{Map, Value};
 
+use super::super::lazy::{COMPLEMENT, VETO};
 use super::rtn::MARKER;
 
 /// Counted repetitions up to this many copies are inlined into the DFA.
@@ -1121,31 +1122,45 @@ impl<'a> Emitter<'a> {
         let min_props = count_kw(m, "minProperties")?.unwrap_or(0);
         let max_props = count_kw(m, "maxProperties")?;
         let additional = self.open_schema(m.get("additionalProperties"))?;
-        // `patternProperties` in one form: one pattern, no other property allowed, no declared
-        // or required name matching it (those would take both schemas, or come twice).
+        // `patternProperties`: patterns whose schemas are all the same (a key matching several
+        // takes each of their schemas, so different ones would need their intersection), none
+        // matching a declared or required name (those would take both schemas, or come
+        // twice). Keys matching a pattern take its schema; where other properties are
+        // allowed, the other keys are a complement rule (no pattern, no name).
         let pattern_props = match m.get("patternProperties") {
             None => None,
             Some(Value::Object(pp)) if pp.is_empty() => None,
-            Some(Value::Object(pp)) if pp.len() == 1 && additional.is_none() => {
-                let (p, schema) = pp.iter().next().expect("one entry");
-                // A PikeVM: no automaton to build, so no pattern can make this check slow.
-                use regex_automata::nfa::thompson::{self, pikevm::PikeVM};
-                let re = PikeVM::builder()
-                    .syntax(regex_automata::util::syntax::Config::new().nest_limit(100))
-                    .thompson(thompson::Config::new().nfa_size_limit(Some(16 << 20)))
-                    .build(&ecma_classes(p)?)
-                    .map_err(|e| Fail::Unsupported(format!("`patternProperties` {p:?}: {e}")))?;
-                let mut cache = re.create_cache();
-                let names = props
+            Some(Value::Object(pp)) => {
+                let mut schemas = pp.values();
+                let schema = schemas.next().expect("non-empty");
+                if schemas.any(|s| s != schema) {
+                    return unsupported("`patternProperties` with different schemas");
+                }
+                let names: Vec<&str> = props
                     .keys()
                     .map(String::as_str)
-                    .chain(required.iter().copied());
-                if names.into_iter().any(|n| re.is_match(&mut cache, n)) {
-                    return unsupported("`patternProperties` matching a named property");
+                    .chain(required.iter().copied())
+                    .collect();
+                let mut contents = Vec::with_capacity(pp.len());
+                for p in pp.keys() {
+                    // A PikeVM: no automaton to build, so no pattern can make this check slow.
+                    use regex_automata::nfa::thompson::{self, pikevm::PikeVM};
+                    let re = PikeVM::builder()
+                        .syntax(regex_automata::util::syntax::Config::new().nest_limit(100))
+                        .thompson(thompson::Config::new().nfa_size_limit(Some(16 << 20)))
+                        .build(&ecma_classes(p)?)
+                        .map_err(|e| {
+                            Fail::Unsupported(format!("`patternProperties` {p:?}: {e}"))
+                        })?;
+                    let mut cache = re.create_cache();
+                    if names.iter().any(|n| re.is_match(&mut cache, *n)) {
+                        return unsupported("`patternProperties` matching a named property");
+                    }
+                    contents.push(format!("(?:{})", string_pattern(p)?));
                 }
-                Some((p, schema))
+                Some((format!("(?:{})", contents.join("|")), schema))
             }
-            Some(_) => return unsupported("`patternProperties`"),
+            Some(_) => return unsupported("a `patternProperties` that is not an object"),
         };
         // Items in order: (pattern, required).
         let mut items: Vec<(String, bool)> = Vec::new();
@@ -1198,23 +1213,51 @@ impl<'a> Emitter<'a> {
                 return unsupported("`maxProperties` below the properties allowed");
             }
         }
-        let extra = match (&additional, pattern_props) {
-            (Some(a), _) => Some(format!(
+        // Keys matching a pattern (none of them named), each with the patterns' schema.
+        let patterned = match &pattern_props {
+            Some((keys, schema)) => match self.value(schema) {
+                Ok(v) => {
+                    let v = self.maybe_call(v)?;
+                    Some(format!("\"{keys}\"{w}:{w}{v}"))
+                }
+                Err(Fail::Unsatisfiable(_)) => None,
+                Err(e) => return Err(e),
+            },
+            None => None,
+        };
+        let other = match (&additional, &pattern_props) {
+            (Some(a), None) => Some(format!(
                 "{}{w}:{w}{a}",
                 key_not_in(&names).ok_or_else(|| Fail::Unsupported(
                     "a non-ASCII or escaped property name beside additional properties".into()
                 ))?
             )),
-            // Keys matching the pattern (none of them named), each with the pattern's schema.
-            (None, Some((p, schema))) => match self.value(schema) {
-                Ok(v) => {
-                    let v = self.maybe_call(v)?;
-                    Some(format!("\"{}\"{w}:{w}{v}", string_pattern(p)?))
+            // Keys that are no name and match no pattern: a complement rule.
+            (Some(a), Some((keys, _))) => {
+                let mut vetoed = vec![keys.clone()];
+                for n in &names {
+                    if n.chars()
+                        .any(|c| c == '"' || c == '\\' || (c as u32) < 0x20 || !c.is_ascii())
+                    {
+                        return unsupported(
+                            "a non-ASCII or escaped property name beside `patternProperties`",
+                        );
+                    }
+                    vetoed.push(regex_syntax::escape(n));
                 }
-                Err(Fail::Unsatisfiable(_)) => None,
-                Err(e) => return Err(e),
-            },
-            (None, None) => None,
+                let body = format!(
+                    "(?:{})(?-u:\\x{VETO:02X})|(?:{})(?-u:\\x{COMPLEMENT:02X})",
+                    vetoed.join("|"),
+                    any_chars()
+                );
+                let id = self.rule_for(body, None, Some(vec![b'"']))?;
+                Some(format!("\"{}\"{w}:{w}{a}", marker(id)))
+            }
+            (None, _) => None,
+        };
+        let extra = match (patterned, other) {
+            (Some(p), Some(o)) => Some(format!("(?:{p}|{o})")),
+            (p, o) => p.or(o),
         };
         // The flat pattern repeats the members after each possible first one: about
         // (ways to start) x (all members) bytes.

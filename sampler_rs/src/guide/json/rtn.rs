@@ -70,7 +70,7 @@ struct Meta {
     /// [`Rule::self_loop`].
     self_loop: OnceLock<[u64; 4]>,
     /// [`Rule::content_closed`].
-    closed: OnceLock<bool>,
+    closed: OnceLock<Option<[u64; 4]>>,
     /// [`Rule::content_exit`] from inside a character: (decoder state, result).
     mid_exit: OnceLock<(crate::guide::trie::U8, Option<StateId>)>,
     /// The vocabulary table of `self_loop`'s class ([`crate::guide::TokenTrie::within`]), for
@@ -368,12 +368,20 @@ impl Rule {
         }
         // Ranges of the trie to walk: (first node, end, state before the first node).
         let mut work: Vec<(usize, usize, StateId)> = vec![(1, nodes.len(), st)];
-        if subtract && self.flags(st) == 0 && self.content_closed(st) {
+        let skeleton = if subtract {
+            self.content_closed(st)
+                .map(|leads| trie.skeleton(&leads))
+                .filter(|sk| sk.len() <= nodes.len() / 4)
+        } else {
+            None
+        };
+        if let Some(skeleton) = skeleton {
             // Every string content keeps the rule alive from `st` (an unanchored `pattern`
-            // before its match, say): all content tokens stand, and only the paths to the
-            // quotes and backslashes are stepped, to walk on from there.
+            // before its match, or after it; a key of an open object), but for characters
+            // with a few first bytes: all content tokens stand, and only the paths to the
+            // quotes, backslashes and those first bytes are stepped, to walk on from there.
             work.clear();
-            for &(i, exit) in trie.quote_skeleton() {
+            for &(i, exit) in skeleton.iter() {
                 let n = &nodes[i as usize];
                 let d = n.depth as usize;
                 if exit {
@@ -389,7 +397,7 @@ impl Rule {
             }
             let d0 = nodes[from].depth as usize;
             stack[d0 - 1] = before;
-            acc[d0 - 1] = d0 == 1 && acc[0];
+            acc[d0 - 1] = self.dfa.is_accepting(before);
             let mut i = from;
             while i < to {
                 let n = &nodes[i];
@@ -538,62 +546,183 @@ impl Rule {
 
     /// Whether every string content (valid UTF-8, no quote, backslash or control character;
     /// possibly ending inside a character) read from boundary state `t` goes through live states
-    /// that neither accept nor call, and every other byte inside a character is dead. Found by
-    /// a bounded search; every boundary state the search went through is closed too (its
-    /// reachable set is a subset), and is marked so.
-    fn content_closed(&self, t: StateId) -> bool {
-        let Some(m) = self.meta(t) else { return false };
-        if let Some(&c) = m.closed.get() {
-            return c;
+    /// that do not call (and accept only where no content may follow the rule), every other
+    /// byte inside a character being dead — but for the characters whose first bytes are
+    /// returned (a set): those may die or leave that region, and a walk steps them. `None`:
+    /// not so (or past the bounded search). Every boundary state the search went through is
+    /// closed too, with at most the same first bytes (its reachable set is a subset), and is
+    /// marked so.
+    fn content_closed(&self, t: StateId) -> Option<[u64; 4]> {
+        let m = self.meta(t)?;
+        if let Some(c) = m.closed.get() {
+            return *c;
+        }
+        let content_follows = (0x20..=0xFFu8)
+            .filter(|&b| b != b'"' && b != b'\\')
+            .any(|b| self.follow[(b >> 6) as usize] & (1 << (b & 63)) != 0);
+        let fine = |x: StateId| {
+            let f = if x == 0 { CALLS } else { self.flags(x) };
+            f & CALLS == 0 && (f & ACCEPTING == 0 || !content_follows)
+        };
+        let found = self
+            .closed_plain(t, &fine)
+            .map(|seen| ([0u64; 4], seen))
+            .or_else(|| self.closed_leads(t, &fine));
+        let Some((leads, seen)) = found else {
+            let _ = m.closed.set(None);
+            return None;
+        };
+        for &s in &seen {
+            if let Some(m) = self.meta(s) {
+                let _ = m.closed.set(Some(leads));
+            }
+        }
+        Some(leads)
+    }
+
+    /// [`Rule::content_closed`] with no first bytes left out: one search over (state, decoder
+    /// state) pairs; the boundary states it went through.
+    fn closed_plain(&self, t: StateId, fine: &impl Fn(StateId) -> bool) -> Option<Vec<StateId>> {
+        if !fine(t) {
+            return None;
         }
         let mut seen: Vec<(StateId, U8)> = vec![(t, U8::Boundary)];
         let mut todo = vec![(t, U8::Boundary)];
-        let mut ok = true;
-        'search: while let Some((s, u)) = todo.pop() {
-            if u == U8::Boundary
-                && s != t
-                && self.meta(s).and_then(|m| m.closed.get()) == Some(&true)
-            {
-                continue;
+        while let Some((s, u)) = todo.pop() {
+            if u == U8::Boundary && s != t {
+                match self.meta(s).and_then(|m| m.closed.get()) {
+                    Some(Some(l)) if *l == [0; 4] => continue,
+                    Some(_) => return None,
+                    None => {}
+                }
             }
             for b in 0..=255u8 {
                 let next = if b == MARKER { 0 } else { self.dfa.step(s, b) };
                 let Some(v) = u.next(b) else {
                     // Only a quote or a backslash may go on where content stops (the walk
                     // steps those); inside a character nothing else may.
-                    let stop = u == U8::Boundary && (b == b'"' || b == b'\\');
-                    if !stop && next != 0 {
-                        ok = false;
-                        break 'search;
+                    if next != 0 && !(u == U8::Boundary && (b == b'"' || b == b'\\')) {
+                        return None;
                     }
                     continue;
                 };
-                if next == 0 || self.flags(next) != 0 {
-                    ok = false;
-                    break 'search;
+                if !fine(next) {
+                    return None;
                 }
                 if !seen.contains(&(next, v)) {
                     if seen.len() >= 512 {
-                        ok = false;
-                        break 'search;
+                        return None;
                     }
                     seen.push((next, v));
                     todo.push((next, v));
                 }
             }
         }
-        if ok {
-            for &(s, u) in &seen {
-                if u == U8::Boundary {
-                    if let Some(m) = self.meta(s) {
-                        let _ = m.closed.set(true);
+        Some(
+            seen.into_iter()
+                .filter(|x| x.1 == U8::Boundary)
+                .map(|x| x.0)
+                .collect(),
+        )
+    }
+
+    /// [`Rule::content_closed`] leaving out the characters of some first bytes (a smaller
+    /// search: the few states of a pattern like `^.*$`); the first bytes and the boundary
+    /// states it went through.
+    fn closed_leads(
+        &self,
+        t: StateId,
+        fine: &impl Fn(StateId) -> bool,
+    ) -> Option<([u64; 4], Vec<StateId>)> {
+        if !fine(t) {
+            return None;
+        }
+        let mut leads = [0u64; 4];
+        let mut seen: Vec<StateId> = vec![t];
+        let mut todo = vec![t];
+        let mut ends = Vec::new();
+        while let Some(s) = todo.pop() {
+            if s != t {
+                if let Some(Some(l)) = self.meta(s).and_then(|m| m.closed.get()) {
+                    for (a, b) in leads.iter_mut().zip(l) {
+                        *a |= b;
+                    }
+                    continue;
+                }
+            }
+            for b in 0..=255u8 {
+                let next = if b == MARKER { 0 } else { self.dfa.step(s, b) };
+                let Some(v) = U8::Boundary.next(b) else {
+                    if next != 0 && b != b'"' && b != b'\\' {
+                        return None;
+                    }
+                    continue;
+                };
+                ends.clear();
+                if !self.one_char(next, v, fine, &mut ends) {
+                    leads[(b >> 6) as usize] |= 1 << (b & 63);
+                    continue;
+                }
+                for &e in &ends {
+                    if !seen.contains(&e) {
+                        if seen.len() >= 16 {
+                            return None;
+                        }
+                        seen.push(e);
+                        todo.push(e);
                     }
                 }
             }
-        } else {
-            let _ = m.closed.set(false);
         }
-        ok
+        Some((leads, seen))
+    }
+
+    /// The rest of one character from state `x` (decoder state `u`, after its first byte):
+    /// whether every content continuation goes through states `fine` accepts, every other
+    /// byte being dead; the boundary states it ends in are added to `ends`.
+    fn one_char(
+        &self,
+        x: StateId,
+        u: U8,
+        fine: &impl Fn(StateId) -> bool,
+        ends: &mut Vec<StateId>,
+    ) -> bool {
+        if !fine(x) {
+            return false;
+        }
+        if u == U8::Boundary {
+            ends.push(x);
+            return true;
+        }
+        // Inside a character the DFA has few states: each (state, decoder state) once.
+        let mut seen = vec![(x, u)];
+        let mut todo = vec![(x, u)];
+        while let Some((x, u)) = todo.pop() {
+            for b in 0..=255u8 {
+                let next = self.dfa.step(x, b);
+                let Some(v) = u.next(b) else {
+                    if next != 0 {
+                        return false;
+                    }
+                    continue;
+                };
+                if !fine(next) {
+                    return false;
+                }
+                if v == U8::Boundary {
+                    if !ends.contains(&next) {
+                        ends.push(next);
+                    }
+                } else if !seen.contains(&(next, v)) {
+                    if seen.len() >= 64 {
+                        return false;
+                    }
+                    seen.push((next, v));
+                    todo.push((next, v));
+                }
+            }
+        }
+        true
     }
 
     /// From state `t` inside a character (decoder state `u`): the content loop every content
@@ -1153,6 +1282,21 @@ fn char_lengths(dfa: &LazyDfa, stride2: u32, esc: &[u8]) -> (Box<[u32]>, bool) {
     (lo.into_boxed_slice(), !bounded)
 }
 
+/// Most different top frames whose masks [`Rtn::compute_mask`] unites instead of walking them
+/// together.
+const UNION_TOPS: usize = 4;
+
+/// The different top frames of `stacks` when there are 2 to [`UNION_TOPS`] of them.
+fn union_tops(stacks: &Stacks) -> Option<Vec<Frame>> {
+    let mut tops = stacks
+        .iter()
+        .map(|st| st.last().copied())
+        .collect::<Option<Vec<Frame>>>()?;
+    tops.sort_unstable();
+    tops.dedup();
+    (tops.len() > 1 && tops.len() <= UNION_TOPS).then_some(tops)
+}
+
 /// The bytes of the call marker of rule `id`.
 pub(crate) fn marker_bytes(id: u32) -> [u8; 3] {
     let [hi, lo] = super::super::lazy::id_bytes(id);
@@ -1393,6 +1537,24 @@ impl Rtn {
                 };
                 self.walk(vocab, &mut w, tops, from, to, base, out);
             }
+        } else if let Some(tops) = union_tops(stacks).filter(|_| depth < MAX_NESTED_MASKS) {
+            // A few different top frames (the alternatives of a key, say: a pattern's, and the
+            // complement rule's for every other key): the union of each one's mask (a token
+            // is allowed where some stack takes it), each cached and made from its top's
+            // cached context-free part, where one walk of the whole trie would carry them all.
+            let mut tmp = vec![0u32; out.len()];
+            for t in tops {
+                let group: Stacks = stacks
+                    .iter()
+                    .filter(|st| st.last() == Some(&t))
+                    .cloned()
+                    .collect();
+                self.fill_mask_at(vocab, &group, &mut tmp, depth + 1)?;
+                for (o, x) in out.iter_mut().zip(&tmp) {
+                    *o |= x;
+                }
+            }
+            return Ok(());
         } else {
             let tops: Vec<u32> = stacks.iter().map(|s| w.load(s)).collect();
             self.walk(vocab, &mut w, tops, 1, nodes.len(), 0, out);

@@ -75,6 +75,20 @@ fn schemas_accept_and_reject() {
             vec![r#""a_xb""#, r#""_xyz""#, r#""\n_x\u0001""#],
             vec![r#""a_x""#, r#""_x""#, r#""abcd""#],
         ),
+        // `patternProperties` of an open object: other keys (no pattern, no name) are a
+        // complement rule.
+        (
+            json!({"type": "object", "patternProperties": {"^x": {"type": "integer"}}}),
+            vec!["{}", r#"{"xa":1}"#, r#"{"a":"s"}"#, r#"{"x":2,"b":[true]}"#, r#"{"":{"x":"y"}}"#],
+            vec![r#"{"xa":"s"}"#, r#"{"x":1.5}"#, r#"{"a":1,"x":null}"#],
+        ),
+        (
+            json!({"properties": {"n": {"type": "boolean"}},
+                   "patternProperties": {"^[0-9]+$": {"type": "string"}, "^id_": {"type": "string"}},
+                   "additionalProperties": {"type": "integer"}}),
+            vec![r#"{"n":true,"12":"a","id_x":"b","z":3}"#, r#"{"nn":4}"#, r#"{"1a":5}"#],
+            vec![r#"{"12":3}"#, r#"{"z":"a"}"#, r#"{"n":1}"#, r#"{"id_":5}"#],
+        ),
         (
             json!({"type": "string", "pattern": "^[a-c]+\"?$"}),
             vec![r#""abc""#, r#""abc\"""#],
@@ -307,7 +321,6 @@ fn unsupported_keywords_fall_back_to_llguidance() {
         json!({"type": "number", "multipleOf": 0.5}),
         // A minimum the pattern does not imply, with a maximum.
         json!({"type": "string", "pattern": "^a+$", "minLength": 3, "maxLength": 5}),
-        json!({"type": "object", "patternProperties": {"^x": {"type": "integer"}}}),
         json!({"type": "object", "properties": {"xa": {}}, "patternProperties": {"^x": {"type": "integer"}}, "additionalProperties": false}),
         json!({"type": "object", "patternProperties": {"^x": {"type": "integer"}, "^y": {}}, "additionalProperties": false}),
     ] {
@@ -441,6 +454,16 @@ fn masks_equal_llguidance_on_random_walks() {
         json!({"type": "string", "pattern": "^(?:\\S+\\s+){0,3}\\S+$", "maxLength": 12}),
         json!({"type": "string", "pattern": "^a+b$", "maxLength": 5}),
         json!({"type": "string", "pattern": "^[a-c]+\\d*$", "minLength": 4}),
+        // Open objects with `patternProperties` (the other keys through a complement rule).
+        json!({"type": "object", "patternProperties": {"^x[a-c]*$": {"type": "integer"}}}),
+        json!({"properties": {"n": {"type": "boolean"}},
+               "patternProperties": {"^[0-9]+$": {"type": "string"}, "^id_": {"type": "string"}},
+               "additionalProperties": {"type": "integer"}}),
+        // States closed under string content but for a few first bytes (ECMA `.` leaves out
+        // U+2028/U+2029), and closed states that accept (after an unanchored match).
+        json!({"type": "object", "patternProperties": {"^.*$": {"type": "string"}}}),
+        json!({"type": "string", "pattern": "(^Hp_|_Ar_)"}),
+        json!({"type": "array", "items": {"type": "string", "pattern": "(^Hp_|_Ar_)", "minLength": 1}}),
         // Keys of an open object whose names share prefixes with tokens (the walk that
         // clears dead content instead of setting live content), next to closed objects.
         json!({"type": "object", "properties": {"name": {"type": "string", "maxLength": 9}, "nab": {"type": "integer"},

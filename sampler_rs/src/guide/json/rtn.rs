@@ -610,7 +610,7 @@ impl Rule {
                     return None;
                 }
                 if !seen.contains(&(next, v)) {
-                    if seen.len() >= 512 {
+                    if seen.len() >= CLOSED_SEARCH {
                         return None;
                     }
                     seen.push((next, v));
@@ -1281,6 +1281,10 @@ fn char_lengths(dfa: &LazyDfa, stride2: u32, esc: &[u8]) -> (Box<[u32]>, bool) {
     }
     (lo.into_boxed_slice(), !bounded)
 }
+
+/// Most (state, decoder state) pairs [`Rule::closed_plain`] visits (a search that fails is
+/// paid by every new state that asks: a word-count pattern's next word).
+const CLOSED_SEARCH: usize = 128;
 
 /// Most different top frames whose masks [`Rtn::compute_mask`] unites instead of walking them
 /// together.

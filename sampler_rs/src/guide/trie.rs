@@ -117,6 +117,26 @@ pub(crate) fn esc_step(ctx: u8, b: u8) -> (u8, bool) {
     }
 }
 
+/// For tokens sorted by a count (each with its count): bitmasks of `words` words of those
+/// counting at most `r`, for `r` from 0 up to [`UPTO_LEVELS`] (and no further than the most);
+/// how many tokens the last level holds (the rest count more), and the most.
+fn upto_masks(toks: &[(u16, TokenId)], words: usize) -> (Vec<Box<[u32]>>, usize, u32) {
+    let max = toks.last().map_or(0, |x| u32::from(x.0));
+    let levels = (max as usize).min(UPTO_LEVELS);
+    let mut upto = Vec::with_capacity(levels + 1);
+    let mut m = vec![0u32; words].into_boxed_slice();
+    let mut k = 0;
+    for level in 0..=levels {
+        while k < toks.len() && usize::from(toks[k].0) <= level {
+            let t = toks[k].1;
+            m[(t / 32) as usize] |= 1 << (t % 32);
+            k += 1;
+        }
+        upto.push(m.clone());
+    }
+    (upto, k, max)
+}
+
 /// Bitmask levels of [`ByLeads::upto`].
 const UPTO_LEVELS: usize = 32;
 
@@ -410,19 +430,8 @@ impl TokenTrie {
             .map(|k| (leads[k], self.token_ids[k]))
             .collect();
         toks.sort_unstable();
-        let max = toks.last().map_or(0, |x| u32::from(x.0));
-        let levels = (max as usize).min(UPTO_LEVELS);
-        let mut upto = Vec::with_capacity(levels + 1);
-        let mut m = vec![0u32; words].into_boxed_slice();
-        let mut k = 0;
-        for level in 0..=levels {
-            while k < toks.len() && usize::from(toks[k].0) <= level {
-                let t = toks[k].1;
-                m[(t / 32) as usize] |= 1 << (t % 32);
-                k += 1;
-            }
-            upto.push(m.clone());
-        }
+        let (upto, k, max) = upto_masks(&toks, words);
+        let mut m = upto[upto.len() - 1].clone();
         let long = toks[k..].to_vec();
         for &(_, t) in &long {
             m[(t / 32) as usize] |= 1 << (t % 32);
@@ -651,19 +660,7 @@ impl TokenTrie {
                 .iter()
                 .max()
                 .map_or(0, |&t| t as usize / 32 + 1);
-            let max = toks.last().map_or(0, |x| u32::from(x.0));
-            let levels = (max as usize).min(UPTO_LEVELS);
-            let mut upto = Vec::with_capacity(levels + 1);
-            let mut m = vec![0u32; words].into_boxed_slice();
-            let mut k = 0;
-            for level in 0..=levels {
-                while k < toks.len() && usize::from(toks[k].0) <= level {
-                    let t = toks[k].1;
-                    m[(t / 32) as usize] |= 1 << (t % 32);
-                    k += 1;
-                }
-                upto.push(m.clone());
-            }
+            let (upto, k, max) = upto_masks(&toks, words);
             EscChars {
                 before,
                 upto,

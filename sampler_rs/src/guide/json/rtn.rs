@@ -740,35 +740,15 @@ impl Rule {
     }
 
     fn find_content_exit(&self, t: StateId, u: U8) -> Option<StateId> {
-        let mut seen: Vec<(StateId, U8)> = vec![(t, u)];
-        let mut todo = vec![(t, u)];
-        let mut exit = None;
-        while let Some((s, u)) = todo.pop() {
-            for b in 0..=255u8 {
-                let next = self.dfa.step(s, b);
-                let Some(v) = u.next(b) else {
-                    if next != 0 {
-                        return None;
-                    }
-                    continue;
-                };
-                if next == 0 || self.flags(next) != 0 {
-                    return None;
-                }
-                if v == U8::Boundary {
-                    if *exit.get_or_insert(next) != next || !self.is_content_loop(next) {
-                        return None;
-                    }
-                } else if !seen.contains(&(next, v)) {
-                    if seen.len() >= 16 {
-                        return None;
-                    }
-                    seen.push((next, v));
-                    todo.push((next, v));
-                }
-            }
+        let mut ends = Vec::new();
+        let fine = |x: StateId| x != 0 && self.flags(x) == 0;
+        if !self.one_char(t, u, &fine, &mut ends) {
+            return None;
         }
-        exit
+        match ends[..] {
+            [l] if self.is_content_loop(l) => Some(l),
+            _ => None,
+        }
     }
 
     /// For a counted rule: whether every JSON string character (unescaped, valid UTF-8) read

@@ -419,17 +419,17 @@ impl LazyDfa {
 
     /// Makes every reachable state (for rules whose states are enumerated up front); fails past
     /// the state budget.
-    pub(crate) fn expand(&self) -> Result<()> {
+    pub(crate) fn expand(&self, cap: usize) -> Result<()> {
         let mut k = 1usize;
         while k <= self.num_states() {
             let s = (k as StateId) << self.stride2;
             for &b in &self.reps {
                 self.step(s, b);
             }
-            if self.overflowed() {
+            if self.overflowed() || self.num_states() > cap {
                 return Err(GuideError::TooLarge(format!(
                     "the rule's DFA has more than {} states",
-                    self.max_states
+                    cap.min(self.max_states)
                 )));
             }
             k += 1;
@@ -962,7 +962,7 @@ mod tests {
         assert!(!d.overflowed());
         assert_eq!(d.walk(d.start(), b"abcdef"), None);
         assert!(d.overflowed() && any_overflow());
-        assert!(matches!(d.expand(), Err(GuideError::TooLarge(_))));
+        assert!(matches!(d.expand(usize::MAX), Err(GuideError::TooLarge(_))));
         // Nothing wrong was cached: a larger budget's DFA walks the same text to the end.
         let d = LazyDfa::build("abcdef", &DfaLimits::default()).unwrap();
         assert!(d

@@ -121,6 +121,9 @@ pub(crate) struct Rule {
     lo_max: u32,
 }
 
+/// Most DFA states of a rule that counts characters (made whole when it is built).
+const CHARS_STATES: usize = 4096;
+
 /// [`Rule::lo`] of a state from which no match can be completed.
 const FAR: u32 = u32::MAX;
 
@@ -180,7 +183,10 @@ impl Rule {
         let mut space = 0;
         if let Some((min, max)) = count {
             // A counted rule's states are numbered `n * space + s`: its DFA is made whole.
-            dfa.expand()?;
+            // A pattern's DFA with lengths is made whole too, up to a few thousand states (a
+            // word-count pattern `^(?:\S+\s+){0,99}\S+$` fits; a long repetition of a
+            // Unicode class does not, and goes to llguidance).
+            dfa.expand(if chars { CHARS_STATES } else { usize::MAX })?;
             space = dfa.table_len() as u32;
             let start = dfa.start();
             if chars {

@@ -305,8 +305,8 @@ def test_guided_requests_log_their_engine(servers: Servers, caplog: pytest.LogCa
 
     ours = logged({"type": "object", "properties": {"a": {"type": "integer"}}})
     assert ours["guide_engine"] == "tokenwire-json" and "guide_fallback" not in ours
-    fallback = logged({"type": "object", "patternProperties": {"^x": {"type": "integer"}}})
-    assert fallback["guide_engine"] == "llguidance" and fallback["guide_fallback"] == "`patternProperties`"
+    fallback = logged({"type": "number", "multipleOf": 0.5})
+    assert fallback["guide_engine"] == "llguidance" and fallback["guide_fallback"] == "`multipleOf` on a number"
 
 
 # -- gRPC status -> HTTP status, end to end ------------------------------------------------------------------------

@@ -1236,9 +1236,7 @@ impl<'a> Emitter<'a> {
             (Some(a), Some((keys, _))) => {
                 let mut vetoed = vec![keys.clone()];
                 for n in &names {
-                    if n.chars()
-                        .any(|c| c == '"' || c == '\\' || (c as u32) < 0x20 || !c.is_ascii())
-                    {
+                    if !plain_name(n) {
                         return unsupported(
                             "a non-ASCII or escaped property name beside `patternProperties`",
                         );
@@ -1362,6 +1360,13 @@ fn json_string_literal(s: &str) -> String {
     regex_syntax::escape(&serde_json::to_string(s).unwrap_or_default())
 }
 
+/// Whether property name `n` is written in JSON as it is: ASCII, no quote, backslash or
+/// control character (key patterns spell such names literally).
+fn plain_name(n: &str) -> bool {
+    !n.chars()
+        .any(|c| c == '"' || c == '\\' || (c as u32) < 0x20 || !c.is_ascii())
+}
+
 /// A JSON string (with its quotes) that is none of `names`; `None` if a name needs escapes or
 /// has a non-ASCII character.
 ///
@@ -1379,9 +1384,7 @@ fn key_not_in(names: &[&str]) -> Option<String> {
     }
     let mut root = T::default();
     for n in names {
-        if n.chars()
-            .any(|c| c == '"' || c == '\\' || (c as u32) < 0x20 || !c.is_ascii())
-        {
+        if !plain_name(n) {
             return None;
         }
         let mut t = &mut root;

@@ -326,6 +326,24 @@ impl Rule {
         self.key(st, clamp, &mut k);
         k.resize(3, 0);
         let key = (vocab.id(), k[0], k[1], k[2]);
+        self.cached_inner(key, || {
+            if self.count.is_none() {
+                Some(self.inner_dfa(vocab, st))
+            } else if self.esc.is_some() {
+                self.inner_chars(vocab, st)
+            } else {
+                self.inner_counted(vocab, st)
+            }
+        })
+    }
+
+    /// The [`Inner`] cached under `key`, else `make`'s, kept unless the rule's state budget cut
+    /// it short (the caller reports that) or the cache is full.
+    fn cached_inner(
+        &self,
+        key: (u64, u32, u32, u32),
+        make: impl FnOnce() -> Option<Inner>,
+    ) -> Option<Arc<Inner>> {
         if let Some(x) = self
             .inner
             .lock()
@@ -334,20 +352,12 @@ impl Rule {
         {
             return Some(x.clone());
         }
-        let x = Arc::new(if self.count.is_none() {
-            self.inner_dfa(vocab, st)
-        } else if self.esc.is_some() {
-            self.inner_chars(vocab, st)?
-        } else {
-            self.inner_counted(vocab, st)?
-        });
-        if self.overflowed() {
-            // Cut short at the state budget: the caller reports it; nothing is kept.
-            return Some(x);
-        }
-        let mut c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if c.len() < INNER_ENTRIES {
-            c.insert(key, x.clone());
+        let x = Arc::new(make()?);
+        if !self.overflowed() {
+            let mut c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            if c.len() < INNER_ENTRIES {
+                c.insert(key, x.clone());
+            }
         }
         Some(x)
     }
@@ -570,10 +580,13 @@ impl Rule {
             let f = if x == 0 { CALLS } else { self.flags(x) };
             f & CALLS == 0 && (f & ACCEPTING == 0 || !content_follows)
         };
-        let found = self
-            .closed_plain(t, &fine)
-            .map(|seen| ([0u64; 4], seen))
-            .or_else(|| self.closed_leads(t, &fine));
+        let found = if fine(t) {
+            self.closed_plain(t, &fine)
+                .map(|seen| ([0u64; 4], seen))
+                .or_else(|| self.closed_leads(t, &fine))
+        } else {
+            None
+        };
         let Some((leads, seen)) = found else {
             let _ = m.closed.set(None);
             return None;
@@ -586,12 +599,9 @@ impl Rule {
         Some(leads)
     }
 
-    /// [`Rule::content_closed`] with no first bytes left out: one search over (state, decoder
-    /// state) pairs; the boundary states it went through.
+    /// [`Rule::content_closed`] from `t` (a state `fine` takes) with no first bytes left out:
+    /// one search over (state, decoder state) pairs; the boundary states it went through.
     fn closed_plain(&self, t: StateId, fine: &impl Fn(StateId) -> bool) -> Option<Vec<StateId>> {
-        if !fine(t) {
-            return None;
-        }
         let mut seen: Vec<(StateId, U8)> = vec![(t, U8::Boundary)];
         let mut todo = vec![(t, U8::Boundary)];
         while let Some((s, u)) = todo.pop() {
@@ -632,7 +642,8 @@ impl Rule {
         )
     }
 
-    /// [`Rule::content_closed`] leaving out the characters of some first bytes (a smaller
+    /// [`Rule::content_closed`] from `t` (a state `fine` takes) leaving out the characters of
+    /// some first bytes (a smaller
     /// search: the few states of a pattern like `^.*$`); the first bytes and the boundary
     /// states it went through.
     fn closed_leads(
@@ -640,9 +651,6 @@ impl Rule {
         t: StateId,
         fine: &impl Fn(StateId) -> bool,
     ) -> Option<([u64; 4], Vec<StateId>)> {
-        if !fine(t) {
-            return None;
-        }
         let mut leads = [0u64; 4];
         let mut seen: Vec<StateId> = vec![t];
         let mut todo = vec![t];
@@ -1015,26 +1023,10 @@ impl Rule {
             self.counted_walk(vocab, st, n, (1, nodes), &mut mask, &mut frontier)?;
             return Some(Inner { mask, frontier });
         }
-        let key = (vocab.id(), s, NONE, NONE);
-        let cached = self
-            .inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-            .cloned();
-        let base = match cached {
-            Some(x) => x,
-            None => {
-                let x = Arc::new(self.inner_dfa(vocab, s));
-                if !self.overflowed() {
-                    let mut c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-                    if c.len() < INNER_ENTRIES {
-                        c.insert(key, x.clone());
-                    }
-                }
-                x
-            }
-        };
+        // The pattern's own state, as if uncounted (every count shares it).
+        let base = self.cached_inner((vocab.id(), s, NONE, NONE), || {
+            Some(self.inner_dfa(vocab, s))
+        })?;
         let (min, max) = self.count?;
         let room = max.map(|m| m - n);
         let trie = vocab.trie();

@@ -125,6 +125,8 @@ struct Det {
     mark: Vec<u32>,
     generation: u32,
     buf: Vec<u32>,
+    /// Scratch of [`LazyDfa::fill_row`]: (class, NFA target) pairs.
+    pairs: Vec<(u8, u32)>,
 }
 
 /// A lazily determinized, anchored byte DFA (see the module docs).
@@ -199,6 +201,7 @@ impl LazyDfa {
                 mark: vec![0; n],
                 generation: 0,
                 buf: Vec::new(),
+                pairs: Vec::new(),
             }),
             states: AtomicU32::new(0),
             overflow: AtomicBool::new(false),
@@ -322,6 +325,11 @@ impl LazyDfa {
         self.start
     }
 
+    /// The byte class of `b` (bytes of one class lead every state to the same state).
+    pub(crate) fn class_of(&self, b: u8) -> u8 {
+        self.classes[b as usize]
+    }
+
     /// One byte from `s` (`DEAD`, 0, when the byte leads nowhere).
     #[inline(always)]
     pub(crate) fn step(&self, s: StateId, b: u8) -> StateId {
@@ -373,6 +381,68 @@ impl LazyDfa {
         t
     }
 
+    /// Makes every transition of `s` at once (what [`LazyDfa::expand`] needs): one pass over
+    /// its NFA set sorts each state's targets by class, and a class whose targets are those of
+    /// the class before it (the many classes one Unicode range is cut into) reuses that
+    /// class's closure instead of computing it again.
+    fn fill_row(&self, s: StateId) {
+        let mut det = self.lock();
+        let k = (s >> self.stride2) as usize;
+        let set = std::mem::take(&mut det.sets[k]);
+        let mut pairs = std::mem::take(&mut det.pairs);
+        pairs.clear();
+        let mut push = |lo: u8, hi: u8, next: u32| {
+            for c in self.classes[lo as usize]..=self.classes[hi as usize] {
+                pairs.push((c, next));
+            }
+        };
+        for &n in set.iter() {
+            match &self.nfa.states[n as usize] {
+                St::Range(lo, hi, next) => push(*lo, *hi, *next),
+                St::Sparse(t) => t.iter().for_each(|&(lo, hi, next)| push(lo, hi, next)),
+                _ => {}
+            }
+        }
+        det.sets[k] = set;
+        pairs.sort_unstable();
+        pairs.dedup();
+        let mut prev: (&[(u8, u32)], StateId) = (&[], DEAD);
+        let mut i = 0;
+        while i < pairs.len() {
+            let c = pairs[i].0;
+            let j = i + pairs[i..].iter().take_while(|p| p.0 == c).count();
+            let group = &pairs[i..j];
+            i = j;
+            let Some(entry) = self.table.get(s, c as usize) else {
+                continue;
+            };
+            if entry.load(Ordering::Acquire) != 0 {
+                continue;
+            }
+            let same =
+                prev.0.len() == group.len() && prev.0.iter().zip(group).all(|(a, b)| a.1 == b.1);
+            let t = if same && !prev.0.is_empty() {
+                prev.1
+            } else {
+                det.generation += 1;
+                det.buf.clear();
+                for &(_, next) in group {
+                    self.closure(&mut det, next);
+                }
+                let mut out = std::mem::take(&mut det.buf);
+                let t = self.add_state(&mut det, &mut out);
+                det.buf = out;
+                t
+            };
+            if self.overflowed() {
+                break;
+            }
+            entry.store(t + 1, Ordering::Release);
+            prev = (group, t);
+        }
+        det.pairs = pairs;
+    }
+
     /// The state after `bytes` from `s`, or `None` if it is dead.
     #[inline]
     pub(crate) fn walk(&self, mut s: StateId, bytes: &[u8]) -> Option<StateId> {
@@ -422,10 +492,7 @@ impl LazyDfa {
     pub(crate) fn expand(&self, cap: usize) -> Result<()> {
         let mut k = 1usize;
         while k <= self.num_states() {
-            let s = (k as StateId) << self.stride2;
-            for &b in &self.reps {
-                self.step(s, b);
-            }
+            self.fill_row((k as StateId) << self.stride2);
             if self.overflowed() || self.num_states() > cap {
                 return Err(GuideError::TooLarge(format!(
                     "the rule's DFA has more than {} states",
@@ -609,15 +676,22 @@ impl<'a> Splicer<'a> {
                 self.limits.max_repetition
             )));
         }
-        let nfa = thompson::Compiler::new()
-            .configure(
-                thompson::Config::new()
-                    .nfa_size_limit(Some(self.limits.nfa_bytes))
-                    .utf8(false)
-                    .which_captures(thompson::WhichCaptures::None),
-            )
-            .build_from_hir(&hir)
-            .map_err(|e| error_of(&e, e.size_limit().is_some()))?;
+        let config = thompson::Config::new()
+            .nfa_size_limit(Some(self.limits.nfa_bytes))
+            .utf8(false)
+            .which_captures(thompson::WhichCaptures::None);
+        // One compiler per thread: a new one allocates (and zeroes) a 10,000-entry table for
+        // its first Unicode class, which cost more than most fragments' whole compilation.
+        thread_local! {
+            static COMPILER: std::cell::RefCell<thompson::Compiler> =
+                std::cell::RefCell::new(thompson::Compiler::new());
+        }
+        let nfa = COMPILER.with(|c| {
+            let mut c = c.borrow_mut();
+            c.configure(config);
+            c.build_from_hir(&hir)
+                .map_err(|e| error_of(&e, e.size_limit().is_some()))
+        })?;
         if !nfa.look_set_any().is_empty() {
             return Err(GuideError::InvalidRegex(
                 "anchors and word boundaries are not supported here".into(),
@@ -866,13 +940,26 @@ pub(crate) fn agrees_with_eager(
     let mut seen = std::collections::HashSet::new();
     let mut todo = vec![(eager.start(), lazy.start())];
     seen.insert(todo[0]);
+    // A complement rule's DFA accepts where the eager DFA would take the complement sentinel
+    // (to a match) and not the veto, and it takes neither byte itself.
+    let sentinel = |e: StateId, b: u8| {
+        let s = eager.step(e, b);
+        s != DEAD && eager.is_accepting(s)
+    };
+    let sentinels = |b: u8| lazy.complement && (b == COMPLEMENT || b == VETO);
     while let Some((e, l)) = todo.pop() {
-        if eager.is_accepting(e) != lazy.is_accepting(l)
-            || eager.can_continue(e) != lazy.can_continue(l)
-        {
+        let (accepting, continuing) = if lazy.complement {
+            (
+                sentinel(e, COMPLEMENT) && !sentinel(e, VETO),
+                (0..=255u8).any(|b| !sentinels(b) && eager.step(e, b) != DEAD),
+            )
+        } else {
+            (eager.is_accepting(e), eager.can_continue(e))
+        };
+        if accepting != lazy.is_accepting(l) || continuing != lazy.can_continue(l) {
             return Err(format!("{pattern:?}: accepting/continuing differ"));
         }
-        for b in 0..=255u8 {
+        for b in (0..=255u8).filter(|&b| !sentinels(b)) {
             let (e2, l2) = (eager.step(e, b), lazy.step(l, b));
             if (e2 == DEAD) != (l2 == DEAD) {
                 return Err(format!(

@@ -19,8 +19,7 @@
 //! `whitespace_pattern`, at most once (none when it is not given); `oneOf` is accepted when its
 //! branches cannot both match (disjoint JSON types), since the engine cannot enforce "exactly one".
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fmt::Write as _;
+use std::collections::{BTreeSet, HashMap};
 
 use regex_syntax::hir::{self, Class, ClassUnicode, ClassUnicodeRange, Hir, HirKind, Look};
 use serde_json::{Map, Value};
@@ -167,33 +166,45 @@ fn marker_of(byte: u8, id: u32) -> String {
 
 /// The callees named by the markers in `pattern`.
 pub(crate) fn callees_of(pattern: &str) -> Vec<u32> {
-    ids_of(pattern, MARKER)
+    ids_of(pattern, |b| b == MARKER)
 }
 
 /// The fragments (see [`INLINE`], [`JUMP`]) named in `pattern`.
 fn fragments_of(pattern: &str) -> Vec<u32> {
-    let mut v = ids_of(pattern, INLINE);
-    v.extend(ids_of(pattern, JUMP));
-    v
+    ids_of(pattern, |b| b == INLINE || b == JUMP)
 }
 
-/// The ids named by `byte`'s markers in `pattern`.
-fn ids_of(pattern: &str, byte: u8) -> Vec<u32> {
-    let needle = format!("(?-u:\\x{byte:02X}\\x");
-    let needle = needle.as_str();
-    let mut out = BTreeSet::new();
-    let mut rest = pattern;
-    while let Some(i) = rest.find(needle) {
-        let tail = &rest[i + needle.len()..];
-        // `HH\xLL)`
-        if let (Some(hi), Some(lo)) = (tail.get(0..2), tail.get(4..6)) {
-            if let (Ok(h), Ok(l)) = (u8::from_str_radix(hi, 16), u8::from_str_radix(lo, 16)) {
+/// The ids named by the markers in `pattern` whose byte `byte` takes (sorted, each once): one
+/// pass over the text for every kind of marker (`(?-u:\xBB\xHH\xLL)`).
+fn ids_of(pattern: &str, byte: impl Fn(u8) -> bool) -> Vec<u32> {
+    static FINDER: std::sync::OnceLock<memchr::memmem::Finder<'static>> =
+        std::sync::OnceLock::new();
+    let finder = FINDER.get_or_init(|| memchr::memmem::Finder::new(b"(?-u:\\x"));
+    let hex = |x: &[u8]| {
+        std::str::from_utf8(x)
+            .ok()
+            .and_then(|t| u8::from_str_radix(t, 16).ok())
+    };
+    let bytes = pattern.as_bytes();
+    let mut out = Vec::new();
+    for i in finder.find_iter(bytes) {
+        // `BB\xHH\xLL)` after the needle.
+        let Some(tail) = bytes.get(i + 7..i + 17) else {
+            continue;
+        };
+        if &tail[2..4] != b"\\x" || &tail[6..8] != b"\\x" {
+            continue;
+        }
+        if let (Some(b), Some(h), Some(l)) = (hex(&tail[0..2]), hex(&tail[4..6]), hex(&tail[8..10]))
+        {
+            if byte(b) {
                 out.extend(id_from(h, l));
             }
         }
-        rest = &rest[i + needle.len()..];
     }
-    out.into_iter().collect()
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 struct Emitter<'a> {
@@ -202,6 +213,15 @@ struct Emitter<'a> {
     w: String,
     rules: Vec<Option<RuleSrc>>,
     ref_rules: HashMap<String, u32>,
+    /// The patterns of references short enough to be written where they are used: a schema
+    /// whose definitions refer to each other expands each once, not once per path to it (the
+    /// same text; where a later expansion would meet a cycle, the cached one is its finite
+    /// unrolling, the same language).
+    ref_inline: HashMap<String, String>,
+    /// [`string_pattern`] by `pattern` (a schema repeats its patterns: each language tag of a
+    /// localized object, dates), and each `patternProperties` pattern's matcher.
+    pattern_texts: HashMap<String, String>,
+    pattern_vms: HashMap<String, regex_automata::nfa::thompson::pikevm::PikeVM>,
     expanding: Vec<String>,
     any_rule: Option<u32>,
     string_rules: HashMap<(u32, Option<u32>), u32>,
@@ -211,6 +231,8 @@ struct Emitter<'a> {
     depth: u32,
     /// Fragments by id (see [`INLINE`]).
     fragments: Vec<String>,
+    /// By fragment id: the fragments and the rules it names (read once, when it is made).
+    fragment_refs: Vec<(Vec<u32>, Vec<u32>)>,
     /// Rules made so far by (pattern, count, follow), and fragments by text: a sub-schema
     /// emitted twice (an `anyOf` distributed over an object's members, a `$ref` reached by two
     /// paths) is one rule, so that stacks of the alternatives share their frames.
@@ -232,9 +254,12 @@ pub(crate) fn emit(schema: &Value, whitespace: Option<&str>) -> R<Vec<RuleSrc>> 
     }
     let mut e = Emitter {
         root: schema,
-        w: whitespace.map_or(String::new(), |w| format!("(?:{w})?")),
+        w: whitespace.map_or(String::new(), optional),
         rules: vec![None, None, None],
         ref_rules: HashMap::new(),
+        ref_inline: HashMap::new(),
+        pattern_texts: HashMap::new(),
+        pattern_vms: HashMap::new(),
         expanding: Vec::new(),
         any_rule: None,
         string_rules: HashMap::new(),
@@ -242,6 +267,7 @@ pub(crate) fn emit(schema: &Value, whitespace: Option<&str>) -> R<Vec<RuleSrc>> 
         pattern_bytes: 0,
         depth: 0,
         fragments: Vec::new(),
+        fragment_refs: Vec::new(),
         made: HashMap::new(),
         fragment_ids: HashMap::new(),
     };
@@ -252,6 +278,7 @@ pub(crate) fn emit(schema: &Value, whitespace: Option<&str>) -> R<Vec<RuleSrc>> 
     e.any()?;
     e.plain_string()?;
     let fragments = std::mem::take(&mut e.fragments);
+    let refs = std::mem::take(&mut e.fragment_refs);
     e.rules
         .into_iter()
         .map(|r| {
@@ -261,9 +288,9 @@ pub(crate) fn emit(schema: &Value, whitespace: Option<&str>) -> R<Vec<RuleSrc>> 
             let mut seen = BTreeSet::new();
             while let Some(f) = todo.pop() {
                 if seen.insert(f) {
-                    let text = &fragments[f as usize];
-                    todo.extend(fragments_of(text));
-                    r.callees.extend(callees_of(text));
+                    let (frags, calls) = &refs[f as usize];
+                    todo.extend_from_slice(frags);
+                    r.callees.extend_from_slice(calls);
                 }
             }
             r.callees.sort_unstable();
@@ -471,8 +498,20 @@ impl<'a> Emitter<'a> {
         }
         let id = self.fragments.len() as u32;
         self.fragment_ids.insert(text.clone(), id);
+        self.fragment_refs
+            .push((fragments_of(&text), callees_of(&text)));
         self.fragments.push(text);
         Ok(id)
+    }
+
+    /// [`string_pattern`], once per pattern text.
+    fn string_pattern(&mut self, p: &str) -> R<String> {
+        if let Some(t) = self.pattern_texts.get(p) {
+            return Ok(t.clone());
+        }
+        let t = string_pattern(p)?;
+        self.pattern_texts.insert(p.to_string(), t.clone());
+        Ok(t)
     }
 
     /// The length of `text` with the fragments it splices in (each counted once), up to `cap`.
@@ -485,9 +524,8 @@ impl<'a> Emitter<'a> {
                 break;
             }
             if seen.insert(f) {
-                let t = &self.fragments[f as usize];
-                len += t.len();
-                todo.extend(fragments_of(t));
+                len += self.fragments[f as usize].len();
+                todo.extend_from_slice(&self.fragment_refs[f as usize].0);
             }
         }
         len
@@ -577,6 +615,9 @@ impl<'a> Emitter<'a> {
         if let Some(&id) = self.ref_rules.get(reference) {
             return Ok(marker(id));
         }
+        if let Some(body) = self.ref_inline.get(reference) {
+            return Ok(body.clone());
+        }
         let target = self.resolve(reference)?;
         if self.expanding.iter().any(|r| r == reference) {
             // A cycle: the reference becomes a rule, called from here and from now on.
@@ -601,6 +642,7 @@ impl<'a> Emitter<'a> {
             self.ref_rules.insert(reference.to_string(), id);
             return Ok(marker(id));
         }
+        self.ref_inline.insert(reference.to_string(), body.clone());
         Ok(body)
     }
 
@@ -623,9 +665,12 @@ impl<'a> Emitter<'a> {
     }
 
     fn object_schema(&mut self, m: &'a Map<String, Value>) -> R<String> {
-        for k in UNSUPPORTED {
-            if m.contains_key(*k) {
-                return unsupported(format!("`{k}`"));
+        // (A schema has a few keys: they are looked up in the list, not the list in the map.)
+        if m.keys().any(|k| UNSUPPORTED.contains(&k.as_str())) {
+            for k in UNSUPPORTED {
+                if m.contains_key(*k) {
+                    return unsupported(format!("`{k}`"));
+                }
             }
         }
         // `not`: only as "not these types" (`{}` / `true`: nothing matches).
@@ -959,7 +1004,7 @@ impl<'a> Emitter<'a> {
                 let id = self.rule_for(elem, Some((lo, hi)), Some(vec![b'"']))?;
                 return Ok(format!("\"{}\"", marker(id)));
             }
-            let content = string_pattern(p)?;
+            let content = self.string_pattern(p)?;
             if bounded {
                 let id = self.chars_rule(content, min, max)?;
                 return Ok(format!("\"{}\"", marker(id)));
@@ -1145,18 +1190,22 @@ impl<'a> Emitter<'a> {
                 for p in pp.keys() {
                     // A PikeVM: no automaton to build, so no pattern can make this check slow.
                     use regex_automata::nfa::thompson::{self, pikevm::PikeVM};
-                    let re = PikeVM::builder()
-                        .syntax(regex_automata::util::syntax::Config::new().nest_limit(100))
-                        .thompson(thompson::Config::new().nfa_size_limit(Some(16 << 20)))
-                        .build(&ecma_classes(p)?)
-                        .map_err(|e| {
-                            Fail::Unsupported(format!("`patternProperties` {p:?}: {e}"))
-                        })?;
+                    if !self.pattern_vms.contains_key(p) {
+                        let re = PikeVM::builder()
+                            .syntax(regex_automata::util::syntax::Config::new().nest_limit(100))
+                            .thompson(thompson::Config::new().nfa_size_limit(Some(16 << 20)))
+                            .build(&ecma_classes(p)?)
+                            .map_err(|e| {
+                                Fail::Unsupported(format!("`patternProperties` {p:?}: {e}"))
+                            })?;
+                        self.pattern_vms.insert(p.clone(), re);
+                    }
+                    let re = &self.pattern_vms[p];
                     let mut cache = re.create_cache();
                     if names.iter().any(|n| re.is_match(&mut cache, *n)) {
                         return unsupported("`patternProperties` matching a named property");
                     }
-                    contents.push(format!("(?:{})", string_pattern(p)?));
+                    contents.push(format!("(?:{})", self.string_pattern(p)?));
                 }
                 Some((format!("(?:{})", contents.join("|")), schema))
             }
@@ -1225,33 +1274,35 @@ impl<'a> Emitter<'a> {
             },
             None => None,
         };
-        let other = match (&additional, &pattern_props) {
-            (Some(a), None) => Some(format!(
-                "{}{w}:{w}{a}",
-                key_not_in(&names).ok_or_else(|| Fail::Unsupported(
-                    "a non-ASCII or escaped property name beside additional properties".into()
-                ))?
-            )),
-            // Keys that are no name and match no pattern: a complement rule.
-            (Some(a), Some((keys, _))) => {
-                let mut vetoed = vec![keys.clone()];
+        let other = match &additional {
+            // Keys that are no name (and match no pattern): a complement rule (see `LazyDfa`),
+            // whose pattern is as long as the names (a pattern spelling "none of these names"
+            // grows with every prefix of every name, ~0.5 KB per name).
+            Some(a) => {
+                let mut vetoed: Vec<String> = pattern_props.iter().map(|x| x.0.clone()).collect();
                 for n in &names {
                     if !plain_name(n) {
-                        return unsupported(
-                            "a non-ASCII or escaped property name beside `patternProperties`",
-                        );
+                        return unsupported(if pattern_props.is_some() {
+                            "a non-ASCII or escaped property name beside `patternProperties`"
+                        } else {
+                            "a non-ASCII or escaped property name beside additional properties"
+                        });
                     }
                     vetoed.push(regex_syntax::escape(n));
                 }
-                let body = format!(
-                    "(?:{})(?-u:\\x{VETO:02X})|(?:{})(?-u:\\x{COMPLEMENT:02X})",
-                    vetoed.join("|"),
-                    any_chars()
-                );
-                let id = self.rule_for(body, None, Some(vec![b'"']))?;
-                Some(format!("\"{}\"{w}:{w}{a}", marker(id)))
+                if vetoed.is_empty() {
+                    Some(format!("\"{CHAR}*\"{w}:{w}{a}"))
+                } else {
+                    let body = format!(
+                        "(?:{})(?-u:\\x{VETO:02X})|(?:{})(?-u:\\x{COMPLEMENT:02X})",
+                        vetoed.join("|"),
+                        any_chars()
+                    );
+                    let id = self.rule_for(body, None, Some(vec![b'"']))?;
+                    Some(format!("\"{}\"{w}:{w}{a}", marker(id)))
+                }
             }
-            (None, _) => None,
+            None => None,
         };
         let extra = match (patterned, other) {
             (Some(p), Some(o)) => Some(format!("(?:{p}|{o})")),
@@ -1355,6 +1406,22 @@ fn first_member(
     (body, nullable)
 }
 
+/// `w` at most once, as a pattern: `c?` for one plain character (the usual `" "`: whitespace is
+/// a quarter of an object's pattern, and a group costs the regex parser more than its bytes).
+fn optional(w: &str) -> String {
+    let mut cs = w.chars();
+    match (cs.next(), cs.next()) {
+        (Some(c), None) if c.is_ascii_graphic() || c == ' ' => {
+            if regex_syntax::is_meta_character(c) {
+                format!("\\{c}?")
+            } else {
+                format!("{c}?")
+            }
+        }
+        _ => format!("(?:{w})?"),
+    }
+}
+
 /// A JSON string literal, as a pattern (serialized like `json.dumps(..., ensure_ascii=False)`).
 fn json_string_literal(s: &str) -> String {
     regex_syntax::escape(&serde_json::to_string(s).unwrap_or_default())
@@ -1365,88 +1432,6 @@ fn json_string_literal(s: &str) -> String {
 fn plain_name(n: &str) -> bool {
     !n.chars()
         .any(|c| c == '"' || c == '\\' || (c as u32) < 0x20 || !c.is_ascii())
-}
-
-/// A JSON string (with its quotes) that is none of `names`; `None` if a name needs escapes or
-/// has a non-ASCII character.
-///
-/// Written so that one copy of the (large, Unicode) character class serves every name:
-/// `"(?:N|(?:D|P(?:NONASCII|ESC))CHAR*)"`, with `N` the proper prefixes of the names that are
-/// not names, `D` a prefix followed by an ASCII character that continues no name, and `P` any
-/// prefix (a name's prefix followed by a non-ASCII character or an escape continues none of
-/// them). An escape spelling a name's character counts as different (JSON texts compare
-/// unescaped, so such a key could repeat a declared one; serializers do not write them).
-fn key_not_in(names: &[&str]) -> Option<String> {
-    #[derive(Default)]
-    struct T {
-        end: bool,
-        kids: BTreeMap<char, T>,
-    }
-    let mut root = T::default();
-    for n in names {
-        if !plain_name(n) {
-            return None;
-        }
-        let mut t = &mut root;
-        for c in n.chars() {
-            t = t.kids.entry(c).or_default();
-        }
-        t.end = true;
-    }
-    fn lit(c: char) -> String {
-        regex_syntax::escape(&c.to_string())
-    }
-    fn alt(alts: Vec<String>) -> String {
-        format!("(?:{})", alts.join("|"))
-    }
-    // Proper prefixes that are not names.
-    fn n(t: &T) -> Option<String> {
-        let mut alts: Vec<String> = Vec::new();
-        if !t.end {
-            alts.push(String::new());
-        }
-        for (c, k) in &t.kids {
-            if let Some(sub) = n(k) {
-                alts.push(format!("{}{sub}", lit(*c)));
-            }
-        }
-        (!alts.is_empty()).then(|| alt(alts))
-    }
-    // A prefix, then an ASCII string character that continues no name.
-    fn d(t: &T) -> String {
-        let mut class = String::from(r#"[\x20-\x21\x23-\x5b\x5d-\x7f"#);
-        if !t.kids.is_empty() {
-            class.push_str("--[");
-            for c in t.kids.keys() {
-                let _ = write!(class, "\\x{{{:X}}}", *c as u32);
-            }
-            class.push(']');
-        }
-        class.push(']');
-        let mut alts = vec![class];
-        for (c, k) in &t.kids {
-            alts.push(format!("{}{}", lit(*c), d(k)));
-        }
-        alt(alts)
-    }
-    // Any prefix.
-    fn p(t: &T) -> String {
-        let mut alts = vec![String::new()];
-        for (c, k) in &t.kids {
-            alts.push(format!("{}{}", lit(*c), p(k)));
-        }
-        alt(alts)
-    }
-    let mut head = Vec::new();
-    if let Some(x) = n(&root) {
-        head.push(x);
-    }
-    head.push(format!(
-        r#"(?:{}|{}(?:[^\x00-\x7f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{{4}})){CHAR}*"#,
-        d(&root),
-        p(&root)
-    ));
-    Some(format!("\"{}\"", alt(head)))
 }
 
 fn count_kw(m: &Map<String, Value>, k: &str) -> R<Option<u32>> {
@@ -2274,9 +2259,12 @@ pub(crate) fn members_both_ways(
     let root = Value::Null;
     let mut e = Emitter {
         root: &root,
-        w: whitespace.map_or(String::new(), |w| format!("(?:{w})?")),
+        w: whitespace.map_or(String::new(), optional),
         rules: Vec::new(),
         ref_rules: HashMap::new(),
+        ref_inline: HashMap::new(),
+        pattern_texts: HashMap::new(),
+        pattern_vms: HashMap::new(),
         expanding: Vec::new(),
         any_rule: None,
         string_rules: HashMap::new(),
@@ -2284,6 +2272,7 @@ pub(crate) fn members_both_ways(
         pattern_bytes: 0,
         depth: 0,
         fragments: Vec::new(),
+        fragment_refs: Vec::new(),
         made: HashMap::new(),
         fragment_ids: HashMap::new(),
     };

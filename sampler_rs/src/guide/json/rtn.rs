@@ -1155,6 +1155,22 @@ impl Rule {
     }
 }
 
+/// A byte of each group of bytes that both the DFA and [`esc_step`] treat alike (the DFA's
+/// byte classes split where `esc_step` tells bytes apart: backslash, `u`, UTF-8 continuation
+/// bytes, the rest), so that whole-DFA passes step a few dozen bytes per state, not 256.
+fn esc_reps(dfa: &LazyDfa) -> Vec<u8> {
+    let kind = |b: u8| match b {
+        b'\\' => 0u8,
+        b'u' => 1,
+        _ if b & 0xC0 == 0x80 => 2,
+        _ => 3,
+    };
+    let mut seen = std::collections::HashSet::new();
+    (0..=255u8)
+        .filter(|&b| seen.insert((dfa.class_of(b), kind(b))))
+        .collect()
+}
+
 /// The escape context ([`esc_step`]) of every state of a whole DFA over JSON string content,
 /// by state index; an error when a state is reached in two contexts (the pattern's DFA does
 /// not tell where characters start: the schema goes to the other engine).
@@ -1164,9 +1180,10 @@ fn escape_contexts(dfa: &LazyDfa, stride2: u32) -> Result<Box<[u8]>> {
     let start = dfa.start();
     ctx[(start >> stride2) as usize] = 0;
     let mut todo = vec![start];
+    let reps = esc_reps(dfa);
     while let Some(s) = todo.pop() {
         let c = ctx[(s >> stride2) as usize];
-        for b in 0..=255u8 {
+        for &b in &reps {
             let t = dfa.step(s, b);
             if t == 0 {
                 continue;
@@ -1193,12 +1210,13 @@ fn char_lengths(dfa: &LazyDfa, stride2: u32, esc: &[u8]) -> (Box<[u32]>, bool) {
     let len = esc.len();
     // Reversed edges (source index, starts a character), one per source and weight.
     let mut rev: Vec<Vec<(u32, bool)>> = vec![Vec::new(); len];
+    let reps = esc_reps(dfa);
     for (i, &c) in esc.iter().enumerate() {
         if c == u8::MAX {
             continue;
         }
         let s = (i as u32) << stride2;
-        for b in 0..=255u8 {
+        for &b in &reps {
             let t = dfa.step(s, b);
             if t == 0 {
                 continue;

@@ -125,8 +125,12 @@ struct Det {
     mark: Vec<u32>,
     generation: u32,
     buf: Vec<u32>,
-    /// Scratch of [`LazyDfa::fill_row`]: (class, NFA target) pairs.
-    pairs: Vec<(u8, u32)>,
+    /// Scratch of [`LazyDfa::fill_row`]: NFA targets grouped by class, and where each class's
+    /// group starts.
+    targets: Vec<u32>,
+    starts: Vec<u32>,
+    /// The state whose groups `targets`/`starts` hold.
+    row: Option<usize>,
 }
 
 /// A lazily determinized, anchored byte DFA (see the module docs).
@@ -201,7 +205,9 @@ impl LazyDfa {
                 mark: vec![0; n],
                 generation: 0,
                 buf: Vec::new(),
-                pairs: Vec::new(),
+                targets: Vec::new(),
+                starts: Vec::new(),
+                row: None,
             }),
             states: AtomicU32::new(0),
             overflow: AtomicBool::new(false),
@@ -267,14 +273,6 @@ impl LazyDfa {
         if let Some(&k) = det.index.get(&*set) {
             return k << self.stride2;
         }
-        let k = det.sets.len();
-        let id = (k as StateId) << self.stride2;
-        if k > self.max_states || !self.table.ensure(id) || !self.info.ensure(id) {
-            if !self.overflow.swap(true, Ordering::Relaxed) {
-                OVERFLOWS.fetch_add(1, Ordering::Relaxed);
-            }
-            return DEAD;
-        }
         let mut bits = 0;
         // The bytes some state of the set consumes: every other class's transition is dead,
         // written now (a walk then never takes the lock to find a dead end; the set of a
@@ -303,6 +301,18 @@ impl LazyDfa {
                 live[(b >> 6) as usize] &= !(1 << (b & 63));
             }
             bits = (u8::from(accept) * ACCEPT) | (u8::from(live != [0; 4]) * CONTINUE);
+            if bits == 0 {
+                // Only the veto ends here (a declared name's closing quote): a dead end.
+                return DEAD;
+            }
+        }
+        let k = det.sets.len();
+        let id = (k as StateId) << self.stride2;
+        if k > self.max_states || !self.table.ensure(id) || !self.info.ensure(id) {
+            if !self.overflow.swap(true, Ordering::Relaxed) {
+                OVERFLOWS.fetch_add(1, Ordering::Relaxed);
+            }
+            return DEAD;
         }
         for (c, &b) in self.reps.iter().enumerate() {
             if live[(b >> 6) as usize] & (1 << (b & 63)) == 0 {
@@ -350,87 +360,81 @@ impl LazyDfa {
         if v != 0 {
             return v - 1;
         }
-        let b = self.reps[c];
-        det.generation += 1;
-        det.buf.clear();
-        let k = (s >> self.stride2) as usize;
-        let set = std::mem::take(&mut det.sets[k]);
-        for &n in set.iter() {
-            let next = match &self.nfa.states[n as usize] {
-                St::Range(lo, hi, next) => (*lo..=*hi).contains(&b).then_some(*next),
-                St::Sparse(t) => t
-                    .iter()
-                    .find(|(lo, hi, _)| (*lo..=*hi).contains(&b))
-                    .map(|x| x.2),
-                _ => None,
-            };
-            if let Some(next) = next {
-                self.closure(&mut det, next);
-            }
-        }
-        det.sets[k] = set;
-        // The closure's buffer keeps its capacity for the next step.
-        let mut out = std::mem::take(&mut det.buf);
-        let t = self.add_state(&mut det, &mut out);
-        det.buf = out;
+        self.fill_row(&mut det, s, Some(c));
         // Past the state budget the walk is cut here and the overflow reported by the caller:
-        // not cached, so nothing wrong is kept.
-        if !self.overflowed() {
-            entry.store(t + 1, Ordering::Release);
-        }
-        t
+        // nothing was cached, so nothing wrong is kept.
+        entry.load(Ordering::Acquire).saturating_sub(1)
     }
 
-    /// Makes every transition of `s` at once (what [`LazyDfa::expand`] needs): one pass over
-    /// its NFA set sorts each state's targets by class, and a class whose targets are those of
-    /// the class before it (the many classes one Unicode range is cut into) reuses that
-    /// class's closure instead of computing it again.
-    fn fill_row(&self, s: StateId) {
-        let mut det = self.lock();
+    /// Makes the transitions of `s`: every class's (`only: None`, what [`LazyDfa::expand`]
+    /// needs), or class `c`'s and those of every class with the same NFA targets (`Some(c)`,
+    /// a step of a walk: the many classes one Unicode range is cut into, or every byte that
+    /// continues no name of a key, then cost one closure, not one each). One pass over the
+    /// state's NFA set sorts its targets by class; a class whose targets are those of the
+    /// class before it reuses that class's closure.
+    fn fill_row(&self, det: &mut Det, s: StateId, only: Option<usize>) {
         let k = (s >> self.stride2) as usize;
         let set = std::mem::take(&mut det.sets[k]);
-        let mut pairs = std::mem::take(&mut det.pairs);
-        pairs.clear();
-        let mut push = |lo: u8, hi: u8, next: u32| {
-            for c in self.classes[lo as usize]..=self.classes[hi as usize] {
-                pairs.push((c, next));
+        let nc = self.reps.len();
+        // Each class's NFA targets, in the set's order, by a counting sort on the class (kept
+        // for the next call: a walk steps one state's bytes one after another).
+        let mut starts = std::mem::take(&mut det.starts);
+        let mut targets = std::mem::take(&mut det.targets);
+        if det.row != Some(k) {
+            starts.clear();
+            starts.resize(nc + 1, 0);
+            let each = |f: &mut dyn FnMut(usize, u32)| {
+                for &n in set.iter() {
+                    let mut range = |lo: u8, hi: u8, next: u32| {
+                        for c in self.classes[lo as usize]..=self.classes[hi as usize] {
+                            f(c as usize, next);
+                        }
+                    };
+                    match &self.nfa.states[n as usize] {
+                        St::Range(lo, hi, next) => range(*lo, *hi, *next),
+                        St::Sparse(t) => t.iter().for_each(|&(lo, hi, next)| range(lo, hi, next)),
+                        _ => {}
+                    }
+                }
+            };
+            each(&mut |c, _| starts[c + 1] += 1);
+            for c in 0..nc {
+                starts[c + 1] += starts[c];
             }
-        };
-        for &n in set.iter() {
-            match &self.nfa.states[n as usize] {
-                St::Range(lo, hi, next) => push(*lo, *hi, *next),
-                St::Sparse(t) => t.iter().for_each(|&(lo, hi, next)| push(lo, hi, next)),
-                _ => {}
-            }
+            targets.clear();
+            targets.resize(starts[nc] as usize, 0);
+            let mut at: Vec<u32> = starts[..nc].to_vec();
+            each(&mut |c, next| {
+                targets[at[c] as usize] = next;
+                at[c] += 1;
+            });
+            det.row = Some(k);
         }
         det.sets[k] = set;
-        pairs.sort_unstable();
-        pairs.dedup();
-        let mut prev: (&[(u8, u32)], StateId) = (&[], DEAD);
-        let mut i = 0;
-        while i < pairs.len() {
-            let c = pairs[i].0;
-            let j = i + pairs[i..].iter().take_while(|p| p.0 == c).count();
-            let group = &pairs[i..j];
-            i = j;
-            let Some(entry) = self.table.get(s, c as usize) else {
+        let group = |c: usize| &targets[starts[c] as usize..starts[c + 1] as usize];
+        let wanted = only.map(group);
+        let mut prev: (&[u32], StateId) = (&[], DEAD);
+        for c in 0..nc {
+            let g = group(c);
+            if g.is_empty() || wanted.is_some_and(|w| w != g) {
+                continue;
+            }
+            let Some(entry) = self.table.get(s, c) else {
                 continue;
             };
             if entry.load(Ordering::Acquire) != 0 {
                 continue;
             }
-            let same =
-                prev.0.len() == group.len() && prev.0.iter().zip(group).all(|(a, b)| a.1 == b.1);
-            let t = if same && !prev.0.is_empty() {
+            let t = if prev.0 == g {
                 prev.1
             } else {
                 det.generation += 1;
                 det.buf.clear();
-                for &(_, next) in group {
-                    self.closure(&mut det, next);
+                for &next in g {
+                    self.closure(det, next);
                 }
                 let mut out = std::mem::take(&mut det.buf);
-                let t = self.add_state(&mut det, &mut out);
+                let t = self.add_state(det, &mut out);
                 det.buf = out;
                 t
             };
@@ -438,9 +442,10 @@ impl LazyDfa {
                 break;
             }
             entry.store(t + 1, Ordering::Release);
-            prev = (group, t);
+            prev = (g, t);
         }
-        det.pairs = pairs;
+        det.starts = starts;
+        det.targets = targets;
     }
 
     /// The state after `bytes` from `s`, or `None` if it is dead.
@@ -492,7 +497,7 @@ impl LazyDfa {
     pub(crate) fn expand(&self, cap: usize) -> Result<()> {
         let mut k = 1usize;
         while k <= self.num_states() {
-            self.fill_row((k as StateId) << self.stride2);
+            self.fill_row(&mut self.lock(), (k as StateId) << self.stride2, None);
             if self.overflowed() || self.num_states() > cap {
                 return Err(GuideError::TooLarge(format!(
                     "the rule's DFA has more than {} states",
@@ -531,7 +536,10 @@ pub(crate) const JUMP: u8 = 0xFE;
 /// above every id byte): its DFA accepts where `C` matches and `V` does not — a key of an open
 /// object that is no declared name and matches no `patternProperties` pattern — and the two
 /// bytes themselves lead nowhere. (Where `V` matches, the state consumes `VETO`; where `C`
-/// does, `COMPLEMENT`; the accepting bit is read off those when the state is made.)
+/// does, `COMPLEMENT`; the accepting bit is read off those when the state is made.) A state
+/// that then neither accepts nor continues is dead: the JSON Schema compiler ends both
+/// alternatives with the key's closing quote, so that a declared name's quote leads nowhere
+/// and the key's content states are plain (not accepting) content loops.
 pub(crate) const COMPLEMENT: u8 = 0xF9;
 /// See [`COMPLEMENT`].
 pub(crate) const VETO: u8 = 0xF8;
@@ -947,26 +955,31 @@ pub(crate) fn agrees_with_eager(
         s != DEAD && eager.is_accepting(s)
     };
     let sentinels = |b: u8| lazy.complement && (b == COMPLEMENT || b == VETO);
-    while let Some((e, l)) = todo.pop() {
-        let (accepting, continuing) = if lazy.complement {
+    let info = |e: StateId| {
+        if lazy.complement {
             (
                 sentinel(e, COMPLEMENT) && !sentinel(e, VETO),
                 (0..=255u8).any(|b| !sentinels(b) && eager.step(e, b) != DEAD),
             )
         } else {
             (eager.is_accepting(e), eager.can_continue(e))
-        };
+        }
+    };
+    // (A complement rule's state that neither accepts nor continues is dead.)
+    let dead = |e: StateId| e == DEAD || info(e) == (false, false);
+    while let Some((e, l)) = todo.pop() {
+        let (accepting, continuing) = info(e);
         if accepting != lazy.is_accepting(l) || continuing != lazy.can_continue(l) {
             return Err(format!("{pattern:?}: accepting/continuing differ"));
         }
         for b in (0..=255u8).filter(|&b| !sentinels(b)) {
             let (e2, l2) = (eager.step(e, b), lazy.step(l, b));
-            if (e2 == DEAD) != (l2 == DEAD) {
+            if dead(e2) != (l2 == DEAD) {
                 return Err(format!(
                     "{pattern:?}: byte {b:#04x} is dead in one DFA only"
                 ));
             }
-            if e2 != DEAD && seen.len() < max_pairs && seen.insert((e2, l2)) {
+            if !dead(e2) && seen.len() < max_pairs && seen.insert((e2, l2)) {
                 todo.push((e2, l2));
             }
         }

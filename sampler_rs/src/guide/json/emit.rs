@@ -1277,7 +1277,10 @@ impl<'a> Emitter<'a> {
         let other = match &additional {
             // Keys that are no name (and match no pattern): a complement rule (see `LazyDfa`),
             // whose pattern is as long as the names (a pattern spelling "none of these names"
-            // grows with every prefix of every name, ~0.5 KB per name).
+            // grows with every prefix of every name, ~0.5 KB per name). The closing quote is
+            // the rule's own, so that inside the key its content states are plain content
+            // loops, not accepting ones (which every walk shortcut of string content needs):
+            // a name's closing quote is a dead end.
             Some(a) => {
                 let mut vetoed: Vec<String> = pattern_props.iter().map(|x| x.0.clone()).collect();
                 for n in &names {
@@ -1294,12 +1297,17 @@ impl<'a> Emitter<'a> {
                     Some(format!("\"{CHAR}*\"{w}:{w}{a}"))
                 } else {
                     let body = format!(
-                        "(?:{})(?-u:\\x{VETO:02X})|(?:{})(?-u:\\x{COMPLEMENT:02X})",
+                        "(?:{})\"(?-u:\\x{VETO:02X})|(?:{})\"(?-u:\\x{COMPLEMENT:02X})",
                         vetoed.join("|"),
                         any_chars()
                     );
-                    let id = self.rule_for(body, None, Some(vec![b'"']))?;
-                    Some(format!("\"{}\"{w}:{w}{a}", marker(id)))
+                    // Followed by whitespace or the colon.
+                    let follow = self.w_first.clone().map(|mut f| {
+                        f.push(b':');
+                        f
+                    });
+                    let id = self.rule_for(body, None, follow)?;
+                    Some(format!("\"{}{w}:{w}{a}", marker(id)))
                 }
             }
             None => None,

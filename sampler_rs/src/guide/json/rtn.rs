@@ -79,6 +79,9 @@ struct Meta {
     loop_table: OnceLock<(u64, Option<Arc<Vec<u64>>>)>,
 }
 
+/// A group of bytes (see [`Rule::byte_groups`]): one of them, and all of them (a bit set).
+type ByteGroup = (u8, [u64; 4]);
+
 /// A frame of a stack: a rule and a state of it.
 pub(crate) type Frame = (u32, u32);
 
@@ -119,6 +122,8 @@ pub(crate) struct Rule {
     lo: Box<[u32]>,
     /// The most of `lo`'s finite entries.
     lo_max: u32,
+    /// [`Rule::byte_groups`].
+    groups: OnceLock<Box<[ByteGroup]>>,
 }
 
 /// Most DFA states of a rule that counts characters (made whole when it is built).
@@ -250,6 +255,7 @@ impl Rule {
             esc_shift: stride2,
             lo,
             lo_max,
+            groups: OnceLock::new(),
         };
         if count.is_some() && rule.esc.is_none() {
             if let Some(end) = rule.element_is_one_char() {
@@ -553,6 +559,49 @@ impl Rule {
         }
     }
 
+    /// The bytes by what the searches over string content tell apart: the DFA's byte class
+    /// and the byte's part in UTF-8 and JSON content (see [`U8::next`]; a quote, a backslash,
+    /// the call marker), as (a byte of the group, the group's bytes). A few dozen groups, so
+    /// that a search steps each state a few dozen times, not 256.
+    fn byte_groups(&self) -> &[ByteGroup] {
+        self.groups.get_or_init(|| {
+            let kind = |b: u8| -> u8 {
+                match b {
+                    0x00..=0x1F => 0,
+                    b'"' => 1,
+                    b'\\' => 2,
+                    0x20..=0x7F => 3,
+                    0x80..=0x8F => 4,
+                    0x90..=0x9F => 5,
+                    0xA0..=0xBF => 6,
+                    0xC0..=0xC1 => 7,
+                    0xC2..=0xDF => 8,
+                    0xE0 => 9,
+                    0xE1..=0xEC => 10,
+                    0xED => 11,
+                    0xEE..=0xEF => 12,
+                    0xF0 => 13,
+                    0xF1..=0xF3 => 14,
+                    0xF4 => 15,
+                    MARKER => 16,
+                    _ => 17,
+                }
+            };
+            let mut out: Vec<ByteGroup> = Vec::new();
+            let mut index = HashMap::new();
+            for b in 0..=255u8 {
+                let i = *index
+                    .entry((self.dfa.class_of(b), kind(b)))
+                    .or_insert_with(|| {
+                        out.push((b, [0; 4]));
+                        out.len() - 1
+                    });
+                out[i].1[(b >> 6) as usize] |= 1 << (b & 63);
+            }
+            out.into_boxed_slice()
+        })
+    }
+
     /// [`Rule::content_loop`], computed once per state.
     #[inline]
     fn is_content_loop(&self, l: StateId) -> bool {
@@ -612,7 +661,7 @@ impl Rule {
                     None => {}
                 }
             }
-            for b in 0..=255u8 {
+            for &(b, _) in self.byte_groups() {
                 let next = if b == MARKER { 0 } else { self.dfa.step(s, b) };
                 let Some(v) = u.next(b) else {
                     // Only a quote or a backslash may go on where content stops (the walk
@@ -664,7 +713,7 @@ impl Rule {
                     continue;
                 }
             }
-            for b in 0..=255u8 {
+            for &(b, members) in self.byte_groups() {
                 let next = if b == MARKER { 0 } else { self.dfa.step(s, b) };
                 let Some(v) = U8::Boundary.next(b) else {
                     if next != 0 && b != b'"' && b != b'\\' {
@@ -674,7 +723,9 @@ impl Rule {
                 };
                 ends.clear();
                 if !self.one_char(next, v, fine, &mut ends) {
-                    leads[(b >> 6) as usize] |= 1 << (b & 63);
+                    for (a, m) in leads.iter_mut().zip(members) {
+                        *a |= m;
+                    }
                     continue;
                 }
                 for &e in &ends {
@@ -712,7 +763,7 @@ impl Rule {
         let mut seen = vec![(x, u)];
         let mut todo = vec![(x, u)];
         while let Some((x, u)) = todo.pop() {
-            for b in 0..=255u8 {
+            for &(b, _) in self.byte_groups() {
                 let next = self.dfa.step(x, b);
                 let Some(v) = u.next(b) else {
                     if next != 0 {
@@ -784,7 +835,7 @@ impl Rule {
         let mut seen: Vec<(StateId, U8)> = vec![(start, U8::Boundary)];
         let mut todo = vec![(start, U8::Boundary)];
         while let Some((s, u)) = todo.pop() {
-            for b in 0..=255u8 {
+            for &(b, _) in self.byte_groups() {
                 let Some(v) = u.next(b) else { continue };
                 let t = self.dfa.step(s, b);
                 if t == 0 || !self.calls(t).is_empty() {
@@ -815,7 +866,7 @@ impl Rule {
         let mut seen: Vec<(StateId, U8)> = vec![(l, U8::Boundary)];
         let mut todo = vec![(l, U8::Boundary)];
         while let Some((s, u)) = todo.pop() {
-            for b in 0..=255u8 {
+            for &(b, _) in self.byte_groups() {
                 let Some(v) = u.next(b) else {
                     // Inside a character, a byte that does not continue it must be dead.
                     if u != U8::Boundary && self.dfa.step(s, b) != 0 {

@@ -450,7 +450,7 @@ impl Rule {
                 if f & CALLS != 0 {
                     frontier.push(Front::Call(i as u32, 0, t));
                 }
-                if f == 0 && n.subtree_end as usize > i + 1 {
+                if f & CALLS == 0 && n.subtree_end as usize > i + 1 {
                     // Inside a loop (string content, or bytes looping on one state): every
                     // token below is allowed, without walking it.
                     if self.takes_subtree(vocab, t, i) {
@@ -462,6 +462,8 @@ impl Rule {
                         i = n.subtree_end as usize;
                         continue;
                     }
+                }
+                if f == 0 && n.subtree_end as usize > i + 1 {
                     // In a string-content loop, on a path that is content from the root: the
                     // tokens below that are content all the way are allowed, and only the
                     // nodes where content stops are walked on (from this state). The same
@@ -510,9 +512,11 @@ impl Rule {
         live >= 80
     }
 
-    /// The bytes that lead from `s` back to `s` when `s` neither accepts nor calls (a bit set;
-    /// empty otherwise): below a trie node reached in `s`, a subtree made of these bytes only
-    /// is allowed whole. Computed once per state.
+    /// The bytes that lead from `s` back to `s` when `s` does not call (a bit set; empty
+    /// otherwise), but for the bytes that may follow the rule where `s` accepts: below a trie
+    /// node reached in `s`, a subtree made of these bytes only is allowed whole (no byte of it
+    /// can pop: an accepting word of a word-count pattern takes the letters of every token
+    /// below without walking them). Computed once per state.
     fn self_loop(&self, s: StateId) -> [u64; 4] {
         let Some(m) = self
             .meta(s)
@@ -522,10 +526,16 @@ impl Rule {
         };
         *m.self_loop.get_or_init(|| {
             let mut set = [0u64; 4];
-            if self.flags(s) == 0 {
+            let f = self.flags(s);
+            if f & CALLS == 0 {
                 for b in (0..=255u8).filter(|&b| b != MARKER) {
                     if self.dfa.step(s, b) == s {
                         set[(b >> 6) as usize] |= 1 << (b & 63);
+                    }
+                }
+                if f & ACCEPTING != 0 {
+                    for (x, f) in set.iter_mut().zip(self.follow) {
+                        *x &= !f;
                     }
                 }
             }
@@ -533,9 +543,9 @@ impl Rule {
         })
     }
 
-    /// Whether a walk in state `s` (neither accepting nor calling) may take every token below
-    /// trie node `i` without walking them: string content below a content loop, or bytes that
-    /// all loop on `s`.
+    /// Whether a walk in state `s` (not calling) may take every token below trie node `i`
+    /// without walking them: string content below a content loop, or bytes that all loop on
+    /// `s` (none of which may follow the rule where `s` accepts).
     fn takes_subtree(&self, vocab: &VocabCore, s: StateId, i: usize) -> bool {
         let trie = vocab.trie();
         if trie.content_below(i) && self.is_content_loop(s) {
@@ -1668,7 +1678,9 @@ impl Rtn {
                 && sets[level[d]..].iter().any(|&top| {
                     let x = w.arena[top as usize];
                     let r = &self.rules[x.rule as usize];
-                    r.count.is_none() && r.flags(x.state) == 0 && r.takes_subtree(vocab, x.state, i)
+                    r.count.is_none()
+                        && r.flags(x.state) & CALLS == 0
+                        && r.takes_subtree(vocab, x.state, i)
                 })
             {
                 for &t in trie.tokens_below(i) {

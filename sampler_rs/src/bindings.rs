@@ -376,6 +376,7 @@ fn process_logits<'py>(
 /// tokenwire's token sampler.
 #[pymodule]
 fn sampler_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    crate::keep_freed_memory();
     m.add_class::<PySamplingParams>()?;
     m.add_class::<PyStepOutput>()?;
     m.add_class::<PySampler>()?;

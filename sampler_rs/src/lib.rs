@@ -27,3 +27,20 @@ pub use error::SamplerError;
 #[cfg(feature = "python")]
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[cfg(feature = "python")]
+extern "C" {
+    /// mimalloc's option setter (compiled into the allocator the `mimalloc` crate links).
+    fn mi_option_set(option: std::os::raw::c_int, value: std::os::raw::c_long);
+}
+
+/// Asks mimalloc to keep the memory it frees instead of returning it to the OS 10 ms later
+/// (`mi_option_purge_delay`, 15 in its `mi_option_e`, to -1): in a VM whose host backs memory
+/// lazily, touching a returned page again cost single mask calls several milliseconds. The
+/// process keeps its peak heap (guide caches are bounded).
+#[cfg(feature = "python")]
+pub(crate) fn keep_freed_memory() {
+    const MI_OPTION_PURGE_DELAY: std::os::raw::c_int = 15;
+    // SAFETY: sets one integer option of the allocator this library links; any value is valid.
+    unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
+}

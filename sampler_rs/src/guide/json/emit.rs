@@ -3,9 +3,9 @@
 //! Every sub-schema becomes a regex over bytes. Small ones are inlined into their parent's
 //! pattern (one DFA for the shape of an object, its keys and its scalar values); a sub-schema
 //! becomes a rule of its own, reached by a call marker, when it is recursive (`$ref` cycles),
-//! large, any-JSON (`true`, `additionalProperties` by default), or a repetition counted past
-//! [`INLINE_COUNT`] (strings' `minLength`/`maxLength`, arrays' `minItems`/`maxItems`), which is
-//! a counted rule instead of an unrolled pattern.
+//! large, any-JSON (`true`, `additionalProperties` by default), or a counted repetition (a
+//! string's `minLength`/`maxLength` but `minLength: 1` alone, arrays' `minItems`/`maxItems`
+//! past [`INLINE_COUNT`]), which is a counted rule instead of an unrolled pattern.
 //!
 //! Fail closed: every JSON Schema validation keyword is either implemented here or reported as
 //! [`Fail::Unsupported`] (the caller then tries llguidance, which implements more keywords and
@@ -997,7 +997,7 @@ impl<'a> Emitter<'a> {
                 if hi.is_some_and(|h| h < lo) {
                     return Err(Fail::Unsatisfiable("`pattern` and lengths".into()));
                 }
-                if hi.is_some_and(|x| x <= INLINE_COUNT) || (hi.is_none() && lo <= INLINE_COUNT) {
+                if inline_chars(lo, hi) {
                     let h = hi.map_or(String::new(), |x| x.to_string());
                     return Ok(format!("\"(?:{elem}){{{lo},{h}}}\""));
                 }
@@ -1014,7 +1014,7 @@ impl<'a> Emitter<'a> {
         if !bounded {
             return self.plain_string();
         }
-        if max.is_some_and(|x| x <= INLINE_COUNT) || (max.is_none() && min <= INLINE_COUNT) {
+        if inline_chars(min, max) {
             let hi = max.map_or(String::new(), |x| x.to_string());
             return Ok(format!("\"{CHAR}{{{min},{hi}}}\""));
         }
@@ -1428,6 +1428,15 @@ fn optional(w: &str) -> String {
         }
         _ => format!("(?:{w})?"),
     }
+}
+
+/// Whether a string of `min..=max` characters is written into its parent's pattern rather
+/// than as a counted rule: only with no maximum and at most one character required (then every
+/// state but the first is a content loop, which masks take whole). Unrolled, `maxLength: 8`
+/// is eight levels of the JSON character automaton, each a walk of the whole vocabulary on its
+/// first mask (~5 ms on Tekken); a counted rule's masks are its cached per-count tables.
+fn inline_chars(min: u32, max: Option<u32>) -> bool {
+    max.is_none() && min <= 1
 }
 
 /// A JSON string literal, as a pattern (serialized like `json.dumps(..., ensure_ascii=False)`).
